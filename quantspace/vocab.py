@@ -1,0 +1,263 @@
+"""Tokenizer → GGUF metadata, for the two tokenizer kinds llama.cpp reproduces exactly.
+
+- SentencePiece-style (llama-2, mistral): `tokenizer.model`, or a tokenizer.json BPE model with byte fallback.
+- Byte-level BPE (llama-3, qwen2, SmolLM, GPT-2): tokenizer.json; the pre-tokenizer is recognised from its
+  structure (data below) and written as `tokenizer.ggml.pre`, which selects llama.cpp's matching splitter.
+
+Anything else raises TokenizerError: a GGUF whose tokenizer silently differs is worse than no GGUF.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from .errors import MissingFileError, TokenizerError
+
+# Regexes of byte-level pre-tokenizers as they appear in tokenizer.json, and the llama.cpp name for each.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Signature (see _pre_signature) → llama.cpp pre-tokenizer name.
+PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
+    ("split:" + _LLAMA3_SPLIT, "bytelevel:noregex"): "llama-bpe",
+    ("split:" + _QWEN2_SPLIT, "bytelevel:noregex"): "qwen2",
+    ("digits:individual", "bytelevel:regex"): "smollm",
+    ("bytelevel:regex",): "gpt-2",
+}
+
+SPM_FILES = ("tokenizer.model",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+@dataclass
+class VocabData:
+    """Everything the GGUF writer needs about the tokenizer."""
+
+    model: str                      # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str | None                 # tokenizer.ggml.pre, BPE only
+    tokens: list[bytes]
+    scores: list[float]
+    types: list[int]
+    add_space_prefix: bool | None = None
+    special: gguf.SpecialVocab | None = field(default=None, repr=False)
+
+    def write(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model(self.model)
+        if self.pre is not None:
+            writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_scores(self.scores)
+        writer.add_token_types(self.types)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
+        if self.special is not None:
+            self.special.add_to_gguf(writer, quiet=True)
+
+
+def _pre_signature(node: dict[str, Any] | None) -> tuple[str, ...]:
+    """Flatten a tokenizer.json pre_tokenizer into comparable parts; unknown parts keep their type name."""
+    if node is None:
+        return ()
+    kind = node.get("type")
+    if kind == "Sequence":
+        return tuple(part for child in node.get("pretokenizers", []) for part in _pre_signature(child))
+    if kind == "Split":
+        pattern = node.get("pattern", {})
+        return ("split:" + str(pattern.get("Regex", pattern.get("String", ""))),)
+    if kind == "ByteLevel":
+        return ("bytelevel:" + ("regex" if node.get("use_regex", True) else "noregex"),)
+    if kind == "Digits":
+        return ("digits:" + ("individual" if node.get("individual_digits") else "grouped"),)
+    return (str(kind),)
+
+
+def detect_pre(tokenizer_json: dict[str, Any]) -> str:
+    """The llama.cpp pre-tokenizer name for a byte-level BPE tokenizer, or TokenizerError."""
+    signature = _pre_signature(tokenizer_json.get("pre_tokenizer"))
+    try:
+        return PRE_TOKENIZERS[signature]
+    except KeyError:
+        shown = ", ".join(s[:60] for s in signature) or "none"
+        raise TokenizerError(
+            f"This byte-level BPE tokenizer's pre-tokenizer ({shown}) is not one llama.cpp reproduces; "
+            "the GGUF would tokenize differently from the original, so it is not converted."
+        ) from None
+
+
+def _added_types(tokenizer_json: dict[str, Any]) -> dict[int, int]:
+    """Token id → GGUF type for added tokens: special ones are control tokens, others user-defined."""
+    return {
+        tok["id"]: int(gguf.TokenType.CONTROL if tok.get("special") else gguf.TokenType.USER_DEFINED)
+        for tok in tokenizer_json.get("added_tokens", [])
+    }
+
+
+def _pad(vocab: VocabData, n_vocab: int) -> None:
+    """Pad to the embedding size: llama.cpp requires one token per embedding row."""
+    if len(vocab.tokens) > n_vocab:
+        raise TokenizerError(
+            f"The tokenizer has {len(vocab.tokens)} tokens but the model only {n_vocab} embeddings; "
+            "the tokenizer does not belong to this model."
+        )
+    for i in range(len(vocab.tokens), n_vocab):
+        vocab.tokens.append(f"[PAD{i}]".encode())
+        vocab.scores.append(-1000.0)
+        vocab.types.append(int(gguf.TokenType.UNUSED))
+
+
+def _bpe_vocab(tok: dict[str, Any]) -> VocabData:
+    model = tok["model"]
+    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    for added in tok.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+    n = max(by_id) + 1
+    missing = [i for i in range(n) if i not in by_id]
+    if missing:
+        raise TokenizerError(f"tokenizer.json has holes in its token ids (first: {missing[0]}); cannot convert.")
+    added = _added_types(tok)
+    return VocabData(
+        model="gpt2",
+        pre=detect_pre(tok),
+        tokens=[by_id[i].encode("utf-8") for i in range(n)],
+        scores=[0.0] * n,
+        types=[added.get(i, int(gguf.TokenType.NORMAL)) for i in range(n)],
+    )
+
+
+def _spm_vocab_from_model(path: Path, tok: dict[str, Any] | None) -> VocabData:
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(path))
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.IdToPiece(i).encode("utf-8"))
+        scores.append(sp.GetScore(i))
+        kind = gguf.TokenType.NORMAL
+        if sp.IsUnknown(i):
+            kind = gguf.TokenType.UNKNOWN
+        elif sp.IsControl(i):
+            kind = gguf.TokenType.CONTROL
+        elif sp.IsUnused(i):
+            kind = gguf.TokenType.UNUSED
+        elif sp.IsByte(i):
+            kind = gguf.TokenType.BYTE
+        types.append(int(kind))
+    if tok is not None:
+        for added in sorted(tok.get("added_tokens", []), key=lambda a: a["id"]):
+            tid = added["id"]
+            kind = _added_types({"added_tokens": [added]})[tid]
+            if tid < len(tokens):
+                if types[tid] == gguf.TokenType.NORMAL:
+                    types[tid] = kind
+                continue
+            if tid != len(tokens):
+                raise TokenizerError(f"Added token id {tid} leaves a gap after the SentencePiece vocabulary.")
+            tokens.append(added["content"].encode("utf-8"))
+            scores.append(-1000.0)
+            types.append(kind)
+    from sentencepiece import sentencepiece_model_pb2 as pb  # type: ignore[attr-defined]
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    return VocabData(model="llama", pre=None, tokens=tokens, scores=scores, types=types,
+                     add_space_prefix=proto.normalizer_spec.add_dummy_prefix)
+
+
+def _spm_vocab_from_json(tok: dict[str, Any]) -> VocabData:
+    """A SentencePiece BPE model exported to tokenizer.json: scores are rebuilt from merge ranks.
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest, which is the
+    same as applying merges in rank order when a merged piece scores minus its rank.
+    """
+    model = tok["model"]
+    by_id = {i: t for t, i in model["vocab"].items()}
+    for added in tok.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+    n = max(by_id) + 1
+    scores = [0.0] * n
+    for rank, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        tid = model["vocab"].get(left + right)
+        if tid is not None and scores[tid] == 0.0:
+            scores[tid] = -float(rank + 1)
+    added = _added_types(tok)
+    types = []
+    unk = model.get("unk_token")
+    for i in range(n):
+        text = by_id.get(i, "")
+        if i in added:
+            types.append(added[i])
+        elif text == unk:
+            types.append(int(gguf.TokenType.UNKNOWN))
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types.append(int(gguf.TokenType.BYTE))
+        else:
+            types.append(int(gguf.TokenType.NORMAL))
+    prefix = "Prepend" in json.dumps(tok.get("normalizer")) or "Metaspace" in json.dumps(tok.get("pre_tokenizer"))
+    return VocabData(model="llama", pre=None, tokens=[by_id.get(i, "").encode() for i in range(n)],
+                     scores=scores, types=types, add_space_prefix=prefix)
+
+
+def _is_spm_json(tok: dict[str, Any]) -> bool:
+    model = tok.get("model", {})
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def check_tokenizer_files(names: set[str]) -> None:
+    """Fail before any download when the repo lacks a tokenizer we can convert."""
+    if "tokenizer.json" not in names and "tokenizer.model" not in names:
+        raise MissingFileError(
+            "The model has no tokenizer.json or tokenizer.model; a GGUF needs the tokenizer inside it. "
+            "Add the tokenizer files to the repo (or the folder) and try again."
+        )
+
+
+def effective_tokenizer_json(model_dir: Path) -> dict[str, Any] | None:
+    """The tokenizer as transformers really loads it, which can differ from tokenizer.json.
+
+    transformers 5 tokenizer classes may rebuild parts of the pipeline (Qwen2Tokenizer sets its own
+    pre-tokenizer regex, for one); users get that behaviour, so the GGUF must reproduce it.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        return json.loads(backend.to_str()) if backend is not None else None
+    except Exception as exc:  # transformers raises many types here; all mean "cannot load this tokenizer"
+        raise TokenizerError(f"transformers cannot load this tokenizer: {str(exc).splitlines()[0]}") from None
+
+
+def load_vocab(model_dir: Path, n_vocab: int) -> VocabData:
+    """Read the tokenizer of an HF model folder into GGUF form, padded to `n_vocab` tokens."""
+    check_tokenizer_files({p.name for p in model_dir.iterdir()})
+    tok_path, spm_path = model_dir / "tokenizer.json", model_dir / "tokenizer.model"
+    tok = effective_tokenizer_json(model_dir) if tok_path.is_file() else None
+    if tok is not None and tok.get("model", {}).get("type") not in ("BPE", None):
+        raise TokenizerError(
+            f"Tokenizer type {tok['model']['type']} is not supported yet (only BPE and SentencePiece BPE)."
+        )
+    if spm_path.is_file() and (tok is None or _is_spm_json(tok)):
+        vocab = _spm_vocab_from_model(spm_path, tok)
+    elif tok is not None and _is_spm_json(tok):
+        vocab = _spm_vocab_from_json(tok)
+    elif tok is not None:
+        vocab = _bpe_vocab(tok)
+    else:
+        raise TokenizerError("tokenizer.model alone is not enough for this tokenizer; tokenizer.json is needed.")
+    _pad(vocab, n_vocab)
+    vocab.special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    return vocab

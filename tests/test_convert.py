@@ -1,0 +1,196 @@
+"""HF → GGUF conversion checked against the real llama.cpp and transformers."""
+
+from __future__ import annotations
+
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantspace.convert import convert, permute_rows
+from quantspace.errors import CorruptWeightsError, TokenizerError, UnsupportedArchitectureError
+from quantspace.formats.gguf import llama_quantize, VARIANTS
+from tests.tiny import corpus
+
+SPECIAL_CASES = [
+    "Hello world", " leading space", "double  space", "trailing space ", "tabs\tand\nnewlines\n\n\n",
+    "numbers 1 12 123 1234 12345 3.14159", "Ünïcödé ñ 日本語 emoji 🎉", "it's they're we'll I'd",
+    "   many     spaces   ", "line1\r\nline2", "<unknown-ish> [brackets] {braces} $money$ 100%",
+]
+
+
+def llama(path: Path, **kwargs):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), verbose=False, n_threads=2, **kwargs)
+
+
+def eval_lines() -> list[str]:
+    lines = [line for line in corpus().splitlines() if line.strip()]
+    return lines[:300:3] + SPECIAL_CASES
+
+
+def hf_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def gguf_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    llm = llama(path, n_ctx=256, n_batch=256, logits_all=True)
+    llm.eval(tokens)
+    out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_bpe, tiny_spm, tiny_qwen2) -> dict[str, tuple[Path, Path]]:
+    out = tmp_path_factory.mktemp("gguf")
+    return {name: (src, convert(src, out / f"{name}-F16.gguf"))
+            for name, src in (("bpe", tiny_bpe), ("spm", tiny_spm), ("qwen2", tiny_qwen2))}
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm", "qwen2"])
+def test_llama_cpp_tokenizes_like_transformers(converted, kind):
+    from transformers import AutoTokenizer
+
+    src, path = converted[kind]
+    hf = AutoTokenizer.from_pretrained(src)
+    llm = llama(path, vocab_only=True)
+    spm = None
+    if (src / "tokenizer.model").is_file():
+        # transformers 5's Metaspace does not add the "▁" prefix before a leading space; SentencePiece (the
+        # original tokenizer, and llama.cpp) does. For such lines the original is the reference.
+        import sentencepiece
+
+        spm = sentencepiece.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    mismatches = []
+    for line in eval_lines():
+        ours = llm.tokenize(line.encode(), add_bos=False, special=False)
+        if spm is not None and line[:1].isspace():
+            theirs = spm.encode(line)
+        else:
+            theirs = hf(line, add_special_tokens=False).input_ids
+        if ours != theirs:
+            mismatches.append((line[:40], ours[:8], theirs[:8]))
+    assert not mismatches, f"{len(mismatches)} lines tokenized differently, e.g. {mismatches[:3]}"
+    # BOS handling and special tokens survive too.
+    with_bos = llm.tokenize(b"Hello", add_bos=True, special=False)
+    assert with_bos == hf("Hello").input_ids
+    llm.close()
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm", "qwen2"])
+def test_f16_logits_match_transformers(converted, kind):
+    src, path = converted[kind]
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(src)(corpus()[:2000]).input_ids[:128]
+    ours, theirs = gguf_logits(path, tokens), hf_logits(src, tokens)
+    assert ours.shape == theirs.shape
+    # fp16 weights: agreement to ~1e-3 of the logit scale, same argmax nearly everywhere.
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() < 5e-3 * scale + 1e-3
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.98
+
+
+def test_quantized_logits_stay_close(converted, tmp_path):
+    """Q8_0 and Q4_K_M keep the F16 model's predictions within stated bounds (KL divergence)."""
+    src, f16 = converted["bpe"]
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(src)(corpus()[:2000]).input_ids[:128]
+    ref = torch.log_softmax(torch.from_numpy(gguf_logits(f16, tokens)).double(), -1)
+    # Bounds for this random model, whose logits are far sharper than a trained model's (measured here:
+    # Q8_0 ~1e-3, Q4_K_M ~0.14). The real-model bounds are in test_accuracy.py.
+    bounds = {"Q8_0": 5e-3, "Q4_K_M": 0.3}
+    klds = {}
+    for variant, bound in bounds.items():
+        out = tmp_path / f"{variant}.gguf"
+        llama_quantize(f16, out, VARIANTS[variant].ftype)
+        q = torch.log_softmax(torch.from_numpy(gguf_logits(out, tokens)).double(), -1)
+        kld = (ref.exp() * (ref - q)).sum(-1).mean().item()
+        assert 0 <= kld < bound, f"{variant}: KLD {kld}"
+        klds[variant] = kld
+    assert klds["Q8_0"] < klds["Q4_K_M"]  # fewer bits, more loss
+
+
+def test_permute_rows_matches_rotary_layouts():
+    """Rotate-half RoPE on permuted rows equals interleaved-pair RoPE: check on one head by definition."""
+    head_dim, n_head = 8, 2
+    w = np.arange(n_head * head_dim * 3, dtype=np.float32).reshape(n_head * head_dim, 3)
+    p = permute_rows(w, n_head)
+    for h in range(n_head):
+        block, out = w[h * head_dim:(h + 1) * head_dim], p[h * head_dim:(h + 1) * head_dim]
+        half = head_dim // 2
+        for i in range(half):  # pair i of llama.cpp = (row i, row i + half) of HF
+            assert np.array_equal(out[2 * i], block[i])
+            assert np.array_equal(out[2 * i + 1], block[i + half])
+
+
+def test_conversion_streams_one_tensor_at_a_time(tiny_bpe, tmp_path):
+    """Peak Python-side memory stays near the largest tensor, not the model."""
+    from quantspace.weights import all_entries
+
+    entries = all_entries(tiny_bpe)
+    largest = max(e.n_elements for e in entries) * 4
+    total = sum(e.n_elements for e in entries) * 4
+    tracemalloc.start()
+    convert(tiny_bpe, tmp_path / "m.gguf")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert total > 6 * largest  # so holding the whole model could not pass the check below
+    assert peak < total / 2, f"peak {peak} B for a {total} B model (largest tensor {largest} B)"
+
+
+def test_bf16_output_is_exact_for_bf16_weights(tiny_bpe, tmp_path):
+    import gguf
+    from quantspace.weights import all_entries, float32_to_bf16_bits, read_tensor
+
+    out = convert(tiny_bpe, tmp_path / "b.gguf", out_type="BF16")
+    reader = gguf.GGUFReader(out)
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    src = next(e for e in all_entries(tiny_bpe) if e.name.endswith("embed_tokens.weight"))
+    expected = float32_to_bf16_bits(read_tensor(src))
+    assert emb.tensor_type == gguf.GGMLQuantizationType.BF16
+    assert np.array_equal(np.asarray(emb.data).view(np.uint16).reshape(expected.shape), expected)
+
+
+def test_corrupt_safetensors_is_a_clear_error(tiny_bpe, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bpe, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CorruptWeightsError, match="truncated"):
+        convert(broken, tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("x.gguf*"))  # no partial file left behind
+
+
+def test_unsupported_architecture_names_it(tiny_bpe, tmp_path):
+    import json
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bpe, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["architectures"] = ["GPTBigCodeForCausalLM"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match="GPTBigCodeForCausalLM"):
+        convert(other, tmp_path / "x.gguf")
+
+
+def test_unknown_pre_tokenizer_is_refused(tiny_bpe, tmp_path):
+    import json
+
+    other = tmp_path / "odd"
+    shutil.copytree(tiny_bpe, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Whitespace"}
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(TokenizerError, match="Whitespace"):
+        convert(other, tmp_path / "x.gguf")

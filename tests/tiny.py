@@ -1,0 +1,111 @@
+"""Tiny random Llama-family models with tokenizers trained here, for fast tests (no downloads).
+
+Hidden size 256 and FFN 512 so that every 2-D weight has rows of a multiple of 256: K-quants apply.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+CORPUS_PATH = Path(__file__).resolve().parent.parent / "quantspace" / "data" / "sotu.txt"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def corpus() -> str:
+    return CORPUS_PATH.read_text(encoding="utf-8")
+
+
+def _bpe_tokenizer(out: Path, vocab_size: int = 1024, split: str = LLAMA3_SPLIT) -> None:
+    """A llama-3 style byte-level BPE tokenizer (split regex + byte-level), with BOS and a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    # <|endoftext|>: transformers' Qwen2Tokenizer adds it when missing, past the embedding rows.
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|endoftext|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus().splitlines(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))],
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                   eos_token="<|eot_id|>")
+    fast.chat_template = ("{% for m in messages %}<|begin_of_text|>{{ m['role'] }}: {{ m['content'] }}<|eot_id|>"
+                          "{% endfor %}")
+    fast.save_pretrained(out)
+
+
+def _spm_tokenizer(out: Path, vocab_size: int = 1024) -> None:
+    """A llama-2 style SentencePiece BPE tokenizer with byte fallback."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    text = out / "corpus.txt"
+    # SentencePiece skips over-long lines: give it one sentence per line.
+    text.write_text(corpus().replace(". ", ".\n"), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        num_threads=2, minloglevel=2,
+        # as llama-2: no normalisation, whitespace kept as written
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+    )
+    text.unlink()
+    (out / "tokenizer.vocab").unlink()
+    # transformers converts tokenizer.model to tokenizer.json; real llama-2/mistral repos ship both.
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "legacy": False}))
+    AutoTokenizer.from_pretrained(out).save_pretrained(out)
+
+
+def build_tiny(out: Path, kind: str = "bpe", arch: str = "llama", seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """Build a tiny random model folder (`kind`: "bpe" or "spm"; `arch`: "llama" or "qwen2")."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tmp = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if kind == "spm":
+        _spm_tokenizer(tmp)
+    else:
+        _bpe_tokenizer(tmp, split=QWEN2_SPLIT if arch == "qwen2" else LLAMA3_SPLIT)
+    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  tie_word_embeddings=False, rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+        with torch.no_grad():  # random init leaves biases at zero; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    with torch.no_grad():  # default init is too flat to tell a right conversion from a wrong one
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
