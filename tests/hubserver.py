@@ -484,6 +484,8 @@ class _Handler(BaseHTTPRequestHandler):
                                         "accessToken": {"displayName": "tests", "role": "write"}}})
         elif path == "/api/repos/create" and method == "POST":
             return self._create_repo(self._json_body())
+        elif path == "/api/repos/delete" and method == "DELETE":
+            return self._delete_repo(self._json_body())
         elif path in ("/api/models", "/api/datasets", "/api/spaces") and method == "GET":
             return self._list_repos(TYPE_FROM_PLURAL[path.removeprefix("/api/")])
         elif path == "/api/validate-yaml" and method == "POST":
@@ -513,6 +515,15 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(409, f"You already created this {repo_type} repo: {repo_id}", extra={"url": url})
             hub._new_repo(repo_id, repo_type, private, gated=False, author=self.user.name)
         self._json({"url": url, "name": repo_id, "id": repo_id})
+
+    def _delete_repo(self, body: dict) -> None:
+        hub = self.server.hub
+        repo_type = body.get("type") or "model"
+        repo_id = f"{body.get('organization') or (self.user.name if self.user else '')}/{body.get('name')}"
+        hub._writable(self.user, repo_type, repo_id)
+        with hub._lock:
+            del hub._repos[(repo_type, repo_id)]
+        self._json({})
 
     def _list_repos(self, repo_type: str) -> None:
         hub, search, author = self.server.hub, self.query.get("search", "").lower(), self.query.get("author")

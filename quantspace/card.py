@@ -1,0 +1,105 @@
+"""The model card (README.md) of a quantized repo, built from the report alone."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .report import Report
+
+if TYPE_CHECKING:
+    from .formats import Format
+
+QUANTIZED_BY = "QuantSpace"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def metrics_table(report: Report) -> str:
+    rows = ["| File | Type | Size | Bits/weight | PPL | ΔPPL | KLD | Top-1 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    src = report.source_metrics
+    if src:
+        rows.append(f"| source ({report.source}) | original | – | – | {_num(src.get('perplexity'), '.4f')} "
+                    "| – | – | – |")
+    for f in report.files:
+        m = f.metrics or {}
+        top1 = m.get("top1_agreement")
+        rows.append(
+            f"| `{f.filename}` | {f.variant} | {_size(f.size_bytes)} | {f.bits_per_weight:.2f} "
+            f"| {_num(m.get('perplexity'), '.4f')} | {_num(m.get('delta_ppl'), '+.4f')} "
+            f"| {_num(m.get('kld_mean'), '.5f')} | {'–' if top1 is None else f'{100 * top1:.2f}%'} |"
+        )
+    return "\n".join(rows)
+
+
+def _method(report: Report) -> str:
+    ev = report.evaluation
+    if ev is None:
+        return "Accuracy was not measured for this upload (`--no-eval`)."
+    return (
+        f"Measured by QuantSpace on **{ev.text_source}**: {ev.chunks} chunks of {ev.ctx} tokens, "
+        f"{ev.n_tokens} scored tokens per model. {ev.method}\n\n"
+        "- **PPL**: perplexity on that text (lower is better).\n"
+        "- **ΔPPL**: PPL of the file minus PPL of the source model.\n"
+        "- **KLD**: mean Kullback–Leibler divergence of the file's next-token distribution from the "
+        "source's (nats; 0 = identical).\n"
+        "- **Top-1**: how often the file's most likely next token equals the source's."
+    )
+
+
+def build_card(report: Report, fmt: "Format") -> ModelCard:
+    repo_id = report.repo_id or report.name
+    data = ModelCardData(
+        base_model=report.source if "/" in report.source else None,
+        license=report.license,
+        library_name=fmt.library_name,
+        tags=fmt.tags([f.variant for f in report.files]),
+        base_model_relation="quantized",
+        quantized_by=QUANTIZED_BY,
+        pipeline_tag="text-generation",
+    )
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(report.versions.items()))
+    source_line = f"[{report.source}](https://huggingface.co/{report.source})" if "/" in report.source \
+        else f"`{report.source}`"
+    revision = f" at revision `{report.revision}`" if report.revision else ""
+    body = f"""
+# {report.name}
+
+{fmt.name.upper()} quantizations of {source_line}{revision} ({report.architecture}, \
+{report.parameters / 1e6:.1f}M parameters), with the accuracy each file keeps, measured.
+
+## Files and accuracy
+
+{metrics_table(report)}
+
+## How the numbers were measured
+
+{_method(report)}
+
+## Usage
+
+{fmt.usage(repo_id, report)}
+
+## Reproduce
+
+Made with QuantSpace ({versions}).
+
+```sh
+{report.command}
+```
+
+The machine-readable report, with timings, is in [`quantspace.json`](quantspace.json).
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

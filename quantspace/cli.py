@@ -1,0 +1,129 @@
+"""`python -m quantspace quantize|estimate`: a thin shell over the pipeline with progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from .errors import QuantSpaceError
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class _Bars:
+    """One tqdm bar per pipeline stage, closed when the next stage starts."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._bar = None
+        self._stage: str | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._bar = self._tqdm(total=total, desc=f"{stage:<18}", unit="", leave=True, file=sys.stderr,
+                                   bar_format="{desc} {percentage:3.0f}%|{bar:30}| {elapsed}")
+        assert self._bar is not None
+        if total != self._bar.total:
+            self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _table(report) -> str:
+    head = f"{'file':<44} {'size':>10} {'bpw':>6} {'PPL':>9} {'ΔPPL':>9} {'KLD':>8} {'top-1':>7}"
+    lines = [head, "-" * len(head)]
+    if report.source_metrics:
+        lines.append(f"{'source':<44} {'':>10} {'':>6} {report.source_metrics['perplexity']:>9.4f}")
+    for f in report.files:
+        m = f.metrics or {}
+        fmt = lambda key, spec: format(m[key], spec) if m.get(key) is not None else "–"  # noqa: E731
+        top1 = f"{100 * m['top1_agreement']:.2f}%" if m.get("top1_agreement") is not None else "–"
+        lines.append(f"{f.filename:<44} {_size(f.size_bytes):>10} {f.bits_per_weight:>6.2f} "
+                     f"{fmt('perplexity', '.4f'):>9} {fmt('delta_ppl', '+.4f'):>9} {fmt('kld_mean', '.5f'):>8} "
+                     f"{top1:>7}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quantspace", description="Quantize Hugging Face models, measured.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="make quantized files, measure them, optionally push to the Hub")
+    q.add_argument("source", help="Hub repo id (owner/name[@revision]) or a local model folder")
+    q.add_argument("--method", default="gguf", help="output format (default: gguf)")
+    q.add_argument("--variants", default=None, help="comma-separated, e.g. Q4_K_M,Q8_0 (default: Q4_K_M,Q8_0)")
+    q.add_argument("--out", default=None, help="output folder (default: ./quantspace-out/<name>-GGUF/)")
+    q.add_argument("--push", default=None, metavar="OWNER/NAME", help="push the result to this Hub repo")
+    q.add_argument("--private", action="store_true", help="create the pushed repo as private")
+    q.add_argument("--eval-text", default=None, metavar="FILE", help="evaluation text (default: shipped text)")
+    q.add_argument("--no-eval", action="store_true", help="skip the accuracy measurement")
+    q.add_argument("--ctx", type=int, default=512, help="evaluation context length (default 512)")
+    q.add_argument("--chunks", type=int, default=16, help="evaluation chunks, at most (default 16)")
+    q.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (loaded weights-only)")
+    e = sub.add_parser("estimate", help="parameter count and output sizes, without downloading weights")
+    e.add_argument("source")
+    e.add_argument("--method", default="gguf")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    try:
+        if args.command == "estimate":
+            return _estimate(args)
+        return _quantize(args)
+    except QuantSpaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; partial files were removed", file=sys.stderr)
+        return 130
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from .estimate import estimate
+
+    est = estimate(args.source, method=args.method)
+    if args.json:
+        print(json.dumps(est.to_dict(), indent=2))
+        return 0
+    print(f"{est.source}: {est.architecture}, {est.parameters / 1e6:.1f}M parameters, "
+          f"{_size(est.source_bytes)} of weights")
+    for variant, size in est.sizes.items():
+        print(f"  {variant:<8} {_size(size):>10}  ({8 * size / max(1, est.parameters):.2f} bits/weight)")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .pipeline import quantize
+
+    bars = _Bars()
+    try:
+        report = quantize(args.source, method=args.method, variants=args.variants, out=args.out, push=args.push,
+                          private=args.private, eval_text=args.eval_text, no_eval=args.no_eval, ctx=args.ctx,
+                          max_chunks=args.chunks, allow_pickle=args.allow_pickle, progress=bars)
+    finally:
+        bars.close()
+    print(_table(report))
+    if report.repo_url:
+        print(f"\npushed: {report.repo_url}")
+    return 0

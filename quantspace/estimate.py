@@ -1,0 +1,61 @@
+"""Sizes before any download: parameter counts from safetensors headers, output sizes per variant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import BadOptionError
+from .formats import TensorStats, get_format
+from .source import SourceInfo, _hub_errors, _translate, resolve
+from .weights import all_entries
+
+
+@dataclass
+class Estimate:
+    source: str
+    architecture: str
+    parameters: int
+    source_bytes: int
+    sizes: dict[str, int]            # variant → bytes
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "architecture": self.architecture, "parameters": self.parameters,
+                "source_bytes": self.source_bytes, "sizes": self.sizes}
+
+
+def _stats_from_shapes(shapes: dict[str, tuple[int, ...]]) -> TensorStats:
+    matrices, vectors = {}, 0
+    for name, shape in shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        if len(shape) >= 2:
+            matrices[name] = n
+        else:
+            vectors += n
+    return TensorStats(matrices, vectors)
+
+
+def tensor_shapes(info: SourceInfo, token: str | None) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers only (a few KB per file from the Hub)."""
+    if info.local_dir is not None:
+        return {e.name: e.shape for e in all_entries(info.local_dir)}
+    if info.pickled:
+        raise BadOptionError("Sizes can only be estimated from safetensors headers; this model has pickled weights.")
+    from huggingface_hub import get_safetensors_metadata
+
+    assert info.repo_id is not None
+    try:
+        meta = get_safetensors_metadata(info.repo_id, revision=info.revision, token=token)
+    except _hub_errors() as exc:
+        raise _translate(exc, info.repo_id, info.revision) from None
+    return {name: tuple(t.shape) for fm in meta.files_metadata.values() for name, t in fm.tensors.items()}
+
+
+def estimate(source: str, method: str = "gguf", variants: list[str] | None = None, token: str | None = None,
+             info: SourceInfo | None = None) -> Estimate:
+    fmt = get_format(method)
+    chosen = fmt.check_variants(variants or list(fmt.variants))
+    info = info or resolve(source, token=token)
+    stats = _stats_from_shapes(tensor_shapes(info, token))
+    return Estimate(info.display, info.architecture, stats.total, info.weight_bytes, fmt.estimate(stats, chosen))

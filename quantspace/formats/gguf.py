@@ -1,0 +1,197 @@
+"""GGUF: our converter writes F16 (or BF16) once; llama.cpp's quantizer makes every other variant from it."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import gguf
+
+from ..convert import convert
+from ..errors import BadOptionError, QuantizeError
+from . import Output, StageFn, TensorStats, Tick
+
+if TYPE_CHECKING:
+    from ..evaluate import Metrics, Reference
+    from ..report import Report
+
+Q = gguf.GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A llama.cpp file type, and the tensor types it mostly uses (for size estimates only)."""
+    ftype: gguf.LlamaFileType
+    base: Q                       # most 2-D weights
+    output: Q                     # output / tied embedding matrix
+    upgraded: Q | None = None     # some layers of attn_v / ffn_down get a larger type...
+    upgraded_share: float = 0.0   # ...in about this share of layers
+    summary: str = ""
+
+
+_UP = ("v_proj", "down_proj")
+VARIANTS: dict[str, Variant] = {
+    "F16": Variant(gguf.LlamaFileType.MOSTLY_F16, Q.F16, Q.F16, summary="16-bit, reference quality"),
+    "BF16": Variant(gguf.LlamaFileType.MOSTLY_BF16, Q.BF16, Q.BF16, summary="bfloat16, lossless for bf16 models"),
+    "Q8_0": Variant(gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0, Q.Q8_0, summary="8-bit, near lossless"),
+    "Q6_K": Variant(gguf.LlamaFileType.MOSTLY_Q6_K, Q.Q6_K, Q.Q6_K, summary="6-bit, very close to F16"),
+    "Q5_K_M": Variant(gguf.LlamaFileType.MOSTLY_Q5_K_M, Q.Q5_K, Q.Q6_K, Q.Q6_K, 0.5, "5-bit, high quality"),
+    "Q5_K_S": Variant(gguf.LlamaFileType.MOSTLY_Q5_K_S, Q.Q5_K, Q.Q6_K, summary="5-bit, a little smaller"),
+    "Q4_K_M": Variant(gguf.LlamaFileType.MOSTLY_Q4_K_M, Q.Q4_K, Q.Q6_K, Q.Q6_K, 0.5, "4-bit, the usual choice"),
+    "Q4_K_S": Variant(gguf.LlamaFileType.MOSTLY_Q4_K_S, Q.Q4_K, Q.Q6_K, summary="4-bit, smaller"),
+    "Q4_0": Variant(gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_0, Q.Q6_K, summary="4-bit legacy, fast on ARM"),
+    "Q3_K_M": Variant(gguf.LlamaFileType.MOSTLY_Q3_K_M, Q.Q3_K, Q.Q6_K, Q.Q4_K, 1.0, "3-bit, noticeable loss"),
+    "Q3_K_S": Variant(gguf.LlamaFileType.MOSTLY_Q3_K_S, Q.Q3_K, Q.Q6_K, summary="3-bit, smaller, more loss"),
+    "Q2_K": Variant(gguf.LlamaFileType.MOSTLY_Q2_K, Q.Q2_K, Q.Q6_K, Q.Q3_K, 1.0, "2-bit, large loss"),
+}
+DIRECT = {"F16": "F16", "BF16": "BF16"}   # variants our converter writes itself
+
+
+def type_bits(t: Q) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    return 8.0 * size / block
+
+
+@contextlib.contextmanager
+def captured_stderr(log: Path) -> Iterator[None]:
+    """Send C-level stderr (llama.cpp's chatter) to a file; the file's tail explains failures."""
+    fd = os.dup(2)
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
+def _tail(log: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def llama_quantize(src: Path, dst: Path, ftype: int, threads: int | None = None) -> None:
+    """Run llama.cpp's quantizer; writes dst atomically or raises QuantizeError with llama.cpp's reason."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = int(threads or os.cpu_count() or 1)
+    tmp = dst.with_name(dst.name + ".partial")
+    log = Path(tempfile.gettempdir()) / f"quantspace-quantize-{os.getpid()}.log"
+    log.unlink(missing_ok=True)
+    with captured_stderr(log):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise QuantizeError(f"llama.cpp could not quantize {src.name} (code {rc}): {_tail(log)}")
+    log.unlink(missing_ok=True)
+    os.replace(tmp, dst)
+
+
+class GGUF:
+    name = "gguf"
+    library_name = "gguf"
+    suffix = "GGUF"
+    variants = tuple(VARIANTS)
+    default_variants = ("Q4_K_M", "Q8_0")
+
+    def check_variants(self, variants: list[str]) -> list[str]:
+        out: list[str] = []
+        for v in variants:
+            key = v.strip().upper()
+            if key not in VARIANTS:
+                raise BadOptionError(
+                    f"Unknown GGUF variant '{v.strip()}'. Choose from: {', '.join(VARIANTS)}."
+                )
+            if key not in out:
+                out.append(key)
+        if not out:
+            raise BadOptionError(f"No GGUF variant given. Choose from: {', '.join(VARIANTS)}.")
+        return out
+
+    def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
+        tied = not any(n.endswith("lm_head.weight") for n in stats.matrix_params)
+        upgradable = tuple(s + ".weight" for s in _UP)
+        sizes = {}
+        for v in variants:
+            spec = VARIANTS[v]
+            bits = stats.vector_params * 32.0   # norms and biases stay F32
+            for name, n in stats.matrix_params.items():
+                # llama.cpp keeps the output matrix (or the tied embedding serving as it) in a larger type.
+                if name.endswith("lm_head.weight") or (tied and name.endswith("embed_tokens.weight")):
+                    bits += n * type_bits(spec.output)
+                elif spec.upgraded is not None and name.endswith(upgradable):
+                    share = spec.upgraded_share
+                    bits += n * (share * type_bits(spec.upgraded) + (1 - share) * type_bits(spec.base))
+                else:
+                    bits += n * type_bits(spec.base)
+            sizes[v] = int(bits / 8)
+        return sizes
+
+    def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], stage: StageFn) -> list[Output]:
+        outputs: list[Output] = []
+        base = out_dir / f"{name}-F16.gguf"
+        quantized = [v for v in variants if v not in DIRECT]
+        needs_f16 = "F16" in variants or bool(quantized)
+        if needs_f16:
+            convert(model_dir, base, out_type="F16", name=name, progress=stage("convert F16"))
+        if "BF16" in variants:
+            convert(model_dir, out_dir / f"{name}-BF16.gguf", out_type="BF16", name=name,
+                    progress=stage("convert BF16"))
+        for v in variants:
+            path = out_dir / f"{name}-{v}.gguf"
+            if v not in DIRECT:
+                tick = stage(f"quantize {v}")
+                tick(0, 1)
+                llama_quantize(base, path, VARIANTS[v].ftype)
+                tick(1, 1)
+            outputs.append(Output(path, v))
+        if needs_f16 and "F16" not in variants:
+            base.unlink(missing_ok=True)   # the intermediate is not a deliverable
+        return outputs
+
+    def evaluate(self, output: Output, ref: "Reference", tick: Tick) -> "Metrics":
+        from ..evaluate import evaluate_gguf
+
+        return evaluate_gguf(output.path, ref, progress=tick)
+
+    def bits_per_weight(self, output: Output, n_params: int) -> float:
+        return 8.0 * output.path.stat().st_size / max(1, n_params)
+
+    def tags(self, variants: list[str]) -> list[str]:
+        return ["gguf", "quantized", "llama.cpp", *[v.lower() for v in variants]]
+
+    def usage(self, repo_id: str, report: "Report") -> str:
+        pick = next((f for f in report.files if f.variant == "Q4_K_M"), report.files[0])
+        lines = [
+            "### llama.cpp",
+            "```sh",
+            f"llama-cli -hf {repo_id}:{pick.variant}",
+            f"llama-server -hf {repo_id}:{pick.variant}",
+            "```",
+            "",
+            "### Ollama",
+            "```sh",
+            f"ollama run hf.co/{repo_id}:{pick.variant}",
+            "```",
+            "",
+            "### LM Studio",
+            f"Search for `{repo_id}` in LM Studio's model browser and pick a file, or run "
+            f"`lms get {repo_id}`.",
+            "",
+            "### Python (llama-cpp-python)",
+            "```python",
+            "from llama_cpp import Llama",
+            f'llm = Llama.from_pretrained(repo_id="{repo_id}", filename="{pick.filename}")',
+            'print(llm.create_chat_completion(messages=[{"role": "user", "content": "Hello!"}]))',
+            "```",
+        ]
+        return "\n".join(lines)

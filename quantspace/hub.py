@@ -1,0 +1,88 @@
+"""Hub access: the token, who may write where, and the single-commit push.
+
+The token is passed to huggingface_hub and nowhere else: never printed, logged or written to disk by us.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import AuthError, BadOptionError, PushError
+from .source import REPO_ID
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """An explicit token, else HF_TOKEN, else the one saved by `hf auth login`."""
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def whoami(token: str | None) -> dict[str, Any]:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not token:
+        raise AuthError("Pushing needs a Hub token: set HF_TOKEN or run `hf auth login` (write access).")
+    try:
+        return HfApi().whoami(token=token)
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if status in (401, 403):
+            raise AuthError("The Hub token was rejected; create a new one with write access.") from None
+        raise AuthError(f"Could not check the token with the Hub: {str(exc).splitlines()[0]}") from None
+
+
+def writable_namespaces(me: dict[str, Any]) -> set[str]:
+    names = {me["name"]}
+    for org in me.get("orgs", []) or []:
+        if org.get("roleInOrg", "write") in ("admin", "write", "contributor") or "roleInOrg" not in org:
+            names.add(org["name"])
+    return names
+
+
+def check_target(repo_id: str, token: str | None) -> str:
+    """Validate a push target before any work; returns the namespace. Raises AuthError/BadOptionError."""
+    if "/" not in repo_id or not REPO_ID.match(repo_id):
+        raise BadOptionError(f"'{repo_id}' is not a valid target repo id; use owner/name.")
+    me = whoami(token)
+    namespace = repo_id.split("/")[0]
+    allowed = writable_namespaces(me)
+    if namespace not in allowed:
+        raise AuthError(
+            f"This token ({me['name']}) cannot write to '{namespace}'; push to one of: {', '.join(sorted(allowed))}."
+        )
+    return namespace
+
+
+def push_folder(folder: Path, files: list[str], repo_id: str, token: str, private: bool,
+                message: str) -> str:
+    """Upload `files` (relative to folder) in one commit; a repo created here is removed again on failure."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    created = False
+    try:
+        if not api.repo_exists(repo_id, token=token):
+            api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+            created = True
+        ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+        commit = api.create_commit(repo_id, operations=ops, commit_message=message, token=token)
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        if created:
+            try:
+                api.delete_repo(repo_id, token=token)
+            except HfHubHTTPError:
+                pass
+        raise PushError(f"Upload to {repo_id} failed, nothing was committed: {str(exc).splitlines()[0]}") from None
+    return str(commit.commit_url)
+
+
+def repo_url(repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"

@@ -1,0 +1,198 @@
+"""resolve/validate → fetch → quantize → evaluate → card → push. The CLI and the UI are shells over this."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import shlex
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .card import build_card
+from .errors import BadOptionError, QuantSpaceError
+from .formats import Format, Output, Tick, get_format
+from .hub import check_target, push_folder, repo_url, resolve_token
+from .report import REPORT_NAME, EvalInfo, FileResult, Report
+from .source import SourceInfo, fetch, resolve
+from .weights import all_entries, safetensors_from_pickle
+
+# (stage, done, total): one call per step of a stage; a new stage name starts a new bar.
+ProgressFn = Callable[[str, int, int], None]
+LIBRARIES = ("gguf", "llama_cpp_python", "transformers", "torch", "huggingface_hub")
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    out = {"quantspace": __version__}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def parameter_count(model_dir: Path) -> int:
+    return sum(e.n_elements for e in all_entries(model_dir))
+
+
+def _command(source: str, method: str, variants: list[str], push: str | None, private: bool,
+             eval_text: str | None, no_eval: bool) -> str:
+    parts = ["python", "-m", "quantspace", "quantize", source, "--method", method, "--variants", ",".join(variants)]
+    if push:
+        parts += ["--push", push] + (["--private"] if private else [])
+    if no_eval:
+        parts.append("--no-eval")
+    elif eval_text:
+        parts += ["--eval-text", eval_text]
+    return shlex.join(parts)
+
+
+class _Stages:
+    """Times each stage and forwards ticks to the caller's progress function."""
+
+    def __init__(self, progress: ProgressFn | None):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self._current: str | None = None
+        self._started = 0.0
+
+    def __call__(self, name: str) -> Tick:
+        self._close()
+        self._current, self._started = name, time.perf_counter()
+
+        def tick(done: int, total: int) -> None:
+            if self.progress:
+                self.progress(name, done, total)
+
+        tick(0, 1)
+        return tick
+
+    def _close(self) -> None:
+        if self._current is not None:
+            self.timings[self._current] = round(time.perf_counter() - self._started, 3)
+            self._current = None
+
+    def finish(self) -> dict[str, float]:
+        self._close()
+        return self.timings
+
+
+def quantize(
+    source: str,
+    method: str = "gguf",
+    variants: Sequence[str] | str | None = None,
+    out: str | Path | None = None,
+    push: str | None = None,
+    private: bool = False,
+    eval_text: str | Path | None = None,
+    no_eval: bool = False,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    ctx: int = 512,
+    max_chunks: int = 16,
+    progress: ProgressFn | None = None,
+) -> Report:
+    """Quantize `source` (Hub repo id[@revision] or local folder) and return the report.
+
+    Every check that can fail cheaply (options, token, target namespace, architecture, tokenizer, weights)
+    runs before the download. Files are written to `out`; with `push`, they go to the Hub in one commit.
+    """
+    from .evaluate import EvalSettings, load_eval_text
+
+    fmt = get_format(method)
+    names = variants.split(",") if isinstance(variants, str) else list(variants or fmt.default_variants)
+    chosen = fmt.check_variants(names)
+    if ctx < 16 or max_chunks < 1:
+        raise BadOptionError("The evaluation needs ctx ≥ 16 tokens and at least one chunk.")
+    text = None if no_eval else load_eval_text(eval_text)
+    token = resolve_token(token)
+    if push:
+        check_target(push, token)
+    info = resolve(source, token=token, allow_pickle=allow_pickle)
+
+    name = f"{info.name}-{fmt.suffix}"
+    out_dir = Path(out) if out else Path("quantspace-out") / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before = set(out_dir.iterdir())
+    stages = _Stages(progress)
+    written: list[Path] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="quantspace-") as work:
+            model_dir = _fetch(info, token, Path(work), stages)
+            outputs = fmt.produce(model_dir, out_dir, info.name, chosen, stages)
+            written += [o.path for o in outputs]
+            n_params = parameter_count(model_dir)
+            report = Report(
+                source=info.display if info.repo_id else info.name, revision=info.revision, method=fmt.name,
+                name=name, architecture=info.architecture, parameters=n_params, license=info.license,
+                files=[FileResult(o.path.name, o.variant, o.path.stat().st_size,
+                                  round(fmt.bits_per_weight(o, n_params), 3)) for o in outputs],
+                versions=versions(),
+                command=_command(info.spec, fmt.name, chosen, push, private,
+                                 str(eval_text) if eval_text else None, no_eval),
+                created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            )
+            if text is not None:
+                _evaluate(fmt, model_dir, outputs, report, text, EvalSettings(ctx=ctx, max_chunks=max_chunks),
+                          Path(work), stages)
+        stages("card")
+        if push:
+            report.repo_id, report.repo_url = push, repo_url(push)
+        report.timings = stages.finish()
+        written.append(report.save(out_dir))
+        card = out_dir / "README.md"
+        build_card(report, fmt).save(card)
+        written.append(card)
+        if push:
+            assert token is not None
+            tick = stages("upload")
+            push_folder(out_dir, [p.name for p in written], push, token, private,
+                        f"Add {', '.join(chosen)} {fmt.name.upper()} of {report.source} (QuantSpace)")
+            tick(1, 1)
+            report.timings = stages.finish()
+            report.save(out_dir)
+    except BaseException:
+        # Nothing half-written: a failed run removes every file it added to the output folder.
+        for path in set(out_dir.iterdir()) - before:
+            if path.is_file():
+                path.unlink()
+        raise
+    return report
+
+
+def _fetch(info: SourceInfo, token: str | None, work: Path, stages: _Stages) -> Path:
+    tick = stages("download")
+    model_dir = fetch(info, token=token)
+    tick(1, 1)
+    if info.pickled:
+        tick = stages("unpickle")
+        model_dir = safetensors_from_pickle(model_dir, work / "unpickled")
+        tick(1, 1)
+    return model_dir
+
+
+def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Report, text, settings,
+              work: Path, stages: _Stages) -> None:
+    from .evaluate import evaluate_source, tokenize_for_eval
+
+    chunks = tokenize_for_eval(model_dir, text, settings)
+    ref = evaluate_source(model_dir, chunks, settings, work, text.source, progress=stages("evaluate source"))
+    try:
+        report.source_metrics = ref.metrics.to_dict()
+        for output, result in zip(outputs, report.files):
+            metrics = fmt.evaluate(output, ref, stages(f"evaluate {output.variant}"))
+            result.metrics = metrics.to_dict()
+        report.evaluation = EvalInfo(
+            text_source=text.source, n_tokens=ref.metrics.n_tokens, ctx=settings.ctx, chunks=len(chunks),
+            method="Source logits from transformers (fp32, CPU); GGUF logits from llama.cpp; both fed the same "
+                   "token ids; the second half of each chunk is scored, as llama.cpp's perplexity tool does.",
+        )
+    finally:
+        ref.close()
+
+
+__all__ = ["quantize", "QuantSpaceError", "REPORT_NAME"]

@@ -1,0 +1,177 @@
+"""Resolve and validate a source model (Hub repo or local folder) before any weights are downloaded."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .archs import arch_of
+from .errors import (AuthError, BadOptionError, GatedRepoError, MissingFileError, PickleRefusedError,
+                     SourceNotFoundError)
+from .vocab import TOKENIZER_FILES, check_tokenizer_files
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
+CONFIG_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class SourceInfo:
+    spec: str                          # what the user typed
+    repo_id: str | None                # Hub repo, or None for a local folder
+    revision: str | None               # resolved commit sha (Hub only)
+    local_dir: Path | None
+    config: dict[str, Any]
+    architecture: str
+    files: dict[str, int | None] = field(default_factory=dict)   # name → size in bytes (None if unknown)
+    license: str | None = None
+    pickled: bool = False              # weights are .bin/.pt only (opted in)
+
+    @property
+    def name(self) -> str:
+        """Short model name used for output files: the last part of the repo id or folder."""
+        return self.repo_id.split("/")[-1] if self.repo_id else Path(self.local_dir or self.spec).name
+
+    @property
+    def display(self) -> str:
+        return self.repo_id or str(self.local_dir)
+
+    @property
+    def weight_files(self) -> list[str]:
+        suffixes = PICKLE_SUFFIXES if self.pickled else (".safetensors",)
+        return sorted(f for f in self.files if f.endswith(suffixes))
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.files.get(f) or 0 for f in self.weight_files)
+
+
+def parse_spec(spec: str) -> tuple[str, str | None] | Path:
+    """A local folder, or (repo_id, revision) from 'owner/name[@revision]'."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise BadOptionError("No model given: pass a Hub repo id like 'HuggingFaceTB/SmolLM2-135M-Instruct' or a folder.")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    repo, _, revision = spec.partition("@")
+    if spec.startswith((".", "/", "~")) or not REPO_ID.match(repo):
+        raise SourceNotFoundError(f"'{spec}' is neither an existing folder nor a valid Hub repo id (owner/name).")
+    return repo, (revision or None)
+
+
+def _check_files(names: set[str], allow_pickle: bool) -> bool:
+    """Validate the file list; returns True when the weights are pickled (and allowed)."""
+    check_tokenizer_files(names)
+    if any(n.endswith(".safetensors") for n in names):
+        return False
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        if not allow_pickle:
+            raise PickleRefusedError(
+                "This model only has pickled weights (.bin/.pt), which can run code when loaded. "
+                "Pass --allow-pickle if you trust the repo (they are loaded with torch's weights_only mode)."
+            )
+        return True
+    raise MissingFileError("The model has no weights (.safetensors files); nothing to convert.")
+
+
+def _license(card: Any) -> str | None:
+    value = getattr(card, "license", None) if card is not None else None
+    return value if isinstance(value, str) else None
+
+
+def resolve(spec: str, token: str | None = None, allow_pickle: bool = False) -> SourceInfo:
+    """Check that the source exists, is readable, has a supported architecture, tokenizer and weights."""
+    parsed = parse_spec(spec)
+    if isinstance(parsed, Path):
+        return _resolve_local(spec, parsed, allow_pickle)
+    return _resolve_hub(spec, parsed[0], parsed[1], token, allow_pickle)
+
+
+def _resolve_local(spec: str, folder: Path, allow_pickle: bool) -> SourceInfo:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise MissingFileError(f"{folder} has no config.json; it is not a Hugging Face model folder.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise MissingFileError(f"{config_path} is not valid JSON: {exc}") from None
+    arch, _ = arch_of(config)
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+    pickled = _check_files(set(files), allow_pickle)
+    license_ = _read_card_license(folder / "README.md")
+    return SourceInfo(spec, None, None, folder, config, arch, files, license_, pickled)
+
+
+def _read_card_license(readme: Path) -> str | None:
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return _license(ModelCard.load(readme).data)
+    except Exception:  # a malformed card should not stop a conversion; the license is just unknown
+        return None
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (HfHubHTTPError,)
+
+
+def _translate(exc: BaseException, repo_id: str, revision: str | None) -> Exception:
+    from huggingface_hub.errors import (GatedRepoError as HfGated, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    if isinstance(exc, HfGated):
+        return GatedRepoError(f"{repo_id} is gated: request access on its Hub page, then try again with that account's token.")
+    if isinstance(exc, RevisionNotFoundError):
+        return SourceNotFoundError(f"Revision '{revision}' does not exist in {repo_id}.")
+    if isinstance(exc, RepositoryNotFoundError):
+        return SourceNotFoundError(
+            f"Model repo {repo_id} was not found (or it is private and this token cannot see it)."
+        )
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return AuthError(f"The Hub refused access to {repo_id} (HTTP {status}); check your token.")
+    return SourceNotFoundError(f"Could not reach {repo_id} on the Hub: {str(exc).splitlines()[0]}")
+
+
+def _resolve_hub(spec: str, repo_id: str, revision: str | None, token: str | None,
+                 allow_pickle: bool) -> SourceInfo:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi(token=token)
+    try:
+        info = api.model_info(repo_id, revision=revision, files_metadata=True, token=token)
+        files = {s.rfilename: s.size for s in info.siblings or []}
+        if "config.json" not in files:
+            raise MissingFileError(f"{repo_id} has no config.json; it is not a transformers model repo.")
+        config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token)
+    except _hub_errors() as exc:
+        raise _translate(exc, repo_id, revision) from None
+    config = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    arch, _ = arch_of(config)
+    pickled = _check_files(set(files), allow_pickle)
+    return SourceInfo(spec, repo_id, info.sha, None, config, arch, files, _license(info.card_data), pickled)
+
+
+def fetch(info: SourceInfo, token: str | None = None, cache_dir: Path | None = None,
+          tqdm_class: Callable[..., Any] | None = None) -> Path:
+    """Download config, tokenizer and weights (nothing else) and return the local folder."""
+    if info.local_dir is not None:
+        return info.local_dir
+    from huggingface_hub import snapshot_download
+
+    assert info.repo_id is not None
+    patterns = [*CONFIG_FILES, *TOKENIZER_FILES, *info.weight_files, "README.md"]
+    try:
+        path = snapshot_download(info.repo_id, revision=info.revision, allow_patterns=patterns, token=token,
+                                 cache_dir=cache_dir, tqdm_class=tqdm_class)
+    except _hub_errors() as exc:
+        raise _translate(exc, info.repo_id, info.revision) from None
+    return Path(path)
