@@ -10,6 +10,7 @@ Anything else raises TokenizerError: a GGUF whose tokenizer silently differs is 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,5 +260,12 @@ def load_vocab(model_dir: Path, n_vocab: int) -> VocabData:
     else:
         raise TokenizerError("tokenizer.model alone is not enough for this tokenizer; tokenizer.json is needed.")
     _pad(vocab, n_vocab)
-    vocab.special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    # gguf warns about template shapes it does not parse (pair templates); the parts we need are read fine.
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        vocab.special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    finally:
+        log.setLevel(level)
     return vocab

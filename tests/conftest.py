@@ -39,6 +39,12 @@ def tiny_spm() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_digits() -> Path:
+    """Llama, SmolLM-style byte-level BPE (single digits + GPT-2 regex)."""
+    return _tiny("tiny-llama-digits", "digits", "llama")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2() -> Path:
     """Qwen2 with q/k/v biases, byte-level BPE tokenizer."""
     return _tiny("tiny-qwen2-bpe", "bpe", "qwen2")

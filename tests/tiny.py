@@ -24,16 +24,23 @@ def corpus() -> str:
     return CORPUS_PATH.read_text(encoding="utf-8")
 
 
-def _bpe_tokenizer(out: Path, vocab_size: int = 1024, split: str = LLAMA3_SPLIT) -> None:
-    """A llama-3 style byte-level BPE tokenizer (split regex + byte-level), with BOS and a chat template."""
+def _bpe_tokenizer(out: Path, vocab_size: int = 1024, split: str | None = LLAMA3_SPLIT) -> None:
+    """A byte-level BPE tokenizer with BOS and a chat template: llama-3 style (split regex + byte-level), or
+    SmolLM/StarCoder style (single digits + GPT-2 byte-level regex) when `split` is None."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
     # <|endoftext|>: transformers' Qwen2Tokenizer adds it when missing, past the embedding rows.
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|endoftext|>"]
@@ -77,7 +84,7 @@ def _spm_tokenizer(out: Path, vocab_size: int = 1024) -> None:
 
 def build_tiny(out: Path, kind: str = "bpe", arch: str = "llama", seed: int = 0,
                dtype: torch.dtype = torch.float32) -> Path:
-    """Build a tiny random model folder (`kind`: "bpe" or "spm"; `arch`: "llama" or "qwen2")."""
+    """Build a tiny random model folder (`kind`: "bpe", "digits" or "spm"; `arch`: "llama" or "qwen2")."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tmp = out.with_name(out.name + ".building")
@@ -85,6 +92,8 @@ def build_tiny(out: Path, kind: str = "bpe", arch: str = "llama", seed: int = 0,
     tmp.mkdir(parents=True)
     if kind == "spm":
         _spm_tokenizer(tmp)
+    elif kind == "digits":
+        _bpe_tokenizer(tmp, split=None)
     else:
         _bpe_tokenizer(tmp, split=QWEN2_SPLIT if arch == "qwen2" else LLAMA3_SPLIT)
     tokenizer = AutoTokenizer.from_pretrained(tmp)
