@@ -60,7 +60,6 @@ def _method(report: Report) -> str:
 
 
 def build_card(report: Report, fmt: "Format") -> ModelCard:
-    repo_id = report.repo_id or report.name
     data = ModelCardData(
         base_model=report.source if "/" in report.source else None,
         license=report.license,
@@ -90,7 +89,7 @@ def build_card(report: Report, fmt: "Format") -> ModelCard:
 
 ## Usage
 
-{fmt.usage(repo_id, report)}
+{fmt.usage(report.repo_id, report)}
 
 ## Reproduce
 

@@ -48,15 +48,16 @@ class _Bars:
 
 
 def _table(report) -> str:
-    head = f"{'file':<44} {'size':>10} {'bpw':>6} {'PPL':>9} {'ΔPPL':>9} {'KLD':>8} {'top-1':>7}"
+    w = max([len("source")] + [len(f.filename) for f in report.files])
+    head = f"{'file':<{w}} {'size':>10} {'bpw':>6} {'PPL':>9} {'ΔPPL':>9} {'KLD':>8} {'top-1':>7}"
     lines = [head, "-" * len(head)]
     if report.source_metrics:
-        lines.append(f"{'source':<44} {'':>10} {'':>6} {report.source_metrics['perplexity']:>9.4f}")
+        lines.append(f"{'source':<{w}} {'':>10} {'':>6} {report.source_metrics['perplexity']:>9.4f}")
     for f in report.files:
         m = f.metrics or {}
         fmt = lambda key, spec: format(m[key], spec) if m.get(key) is not None else "–"  # noqa: E731
         top1 = f"{100 * m['top1_agreement']:.2f}%" if m.get("top1_agreement") is not None else "–"
-        lines.append(f"{f.filename:<44} {_size(f.size_bytes):>10} {f.bits_per_weight:>6.2f} "
+        lines.append(f"{f.filename:<{w}} {_size(f.size_bytes):>10} {f.bits_per_weight:>6.2f} "
                      f"{fmt('perplexity', '.4f'):>9} {fmt('delta_ppl', '+.4f'):>9} {fmt('kld_mean', '.5f'):>8} "
                      f"{top1:>7}")
     return "\n".join(lines)

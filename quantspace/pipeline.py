@@ -8,15 +8,18 @@ import shlex
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .card import build_card
-from .errors import BadOptionError, QuantSpaceError
+from .errors import QuantSpaceError
 from .formats import Format, Output, Tick, get_format
 from .hub import check_target, push_folder, repo_url, resolve_token
 from .report import REPORT_NAME, EvalInfo, FileResult, Report
 from .source import SourceInfo, fetch, resolve
 from .weights import all_entries, safetensors_from_pickle
+
+if TYPE_CHECKING:
+    from .evaluate import EvalSettings, EvalText
 
 # (stage, done, total): one call per step of a stage; a new stage name starts a new bar.
 ProgressFn = Callable[[str, int, int], None]
@@ -106,8 +109,7 @@ def quantize(
     fmt = get_format(method)
     names = variants.split(",") if isinstance(variants, str) else list(variants or fmt.default_variants)
     chosen = fmt.check_variants(names)
-    if ctx < 16 or max_chunks < 1:
-        raise BadOptionError("The evaluation needs ctx ≥ 16 tokens and at least one chunk.")
+    settings = EvalSettings(ctx=ctx, max_chunks=max_chunks)   # validates the options
     text = None if no_eval else load_eval_text(eval_text)
     token = resolve_token(token)
     if push:
@@ -137,8 +139,7 @@ def quantize(
                 created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             )
             if text is not None:
-                _evaluate(fmt, model_dir, outputs, report, text, EvalSettings(ctx=ctx, max_chunks=max_chunks),
-                          Path(work), stages)
+                _evaluate(fmt, model_dir, outputs, report, text, settings, Path(work), stages)
         stages("card")
         if push:
             report.repo_id, report.repo_url = push, repo_url(push)
@@ -175,9 +176,9 @@ def _fetch(info: SourceInfo, token: str | None, work: Path, stages: _Stages) -> 
     return model_dir
 
 
-def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Report, text, settings,
-              work: Path, stages: _Stages) -> None:
-    from .evaluate import evaluate_source, tokenize_for_eval
+def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Report, text: "EvalText",
+              settings: "EvalSettings", work: Path, stages: _Stages) -> None:
+    from .evaluate import evaluate_source, method_line, tokenize_for_eval
 
     chunks = tokenize_for_eval(model_dir, text, settings)
     ref = evaluate_source(model_dir, chunks, settings, work, text.source, progress=stages("evaluate source"))
@@ -188,8 +189,7 @@ def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Repor
             result.metrics = metrics.to_dict()
         report.evaluation = EvalInfo(
             text_source=text.source, n_tokens=ref.metrics.n_tokens, ctx=settings.ctx, chunks=len(chunks),
-            method="Source logits from transformers (fp32, CPU); GGUF logits from llama.cpp; both fed the same "
-                   "token ids; the second half of each chunk is scored, as llama.cpp's perplexity tool does.",
+            method=method_line(settings),
         )
     finally:
         ref.close()

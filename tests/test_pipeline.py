@@ -40,12 +40,15 @@ def llama_generate(path: Path) -> str:
 def test_push_end_to_end_with_real_model(hub, smollm2, tmp_path, capsys, monkeypatch):
     """Local Hub source → quantize --push → files, card and report on the Hub; llama.cpp runs each file."""
     seed(hub, "HuggingFaceTB/SmolLM2-135M-Instruct", smollm2)
+    hub.put_file("HuggingFaceTB/SmolLM2-135M-Instruct", "onnx/model.onnx", b"not needed" * 1000)
     monkeypatch.setenv("HF_TOKEN", ALICE_TOKEN)
     target = "alice/SmolLM2-135M-Instruct-GGUF"
     code, out, err = run_cli(["quantize", "HuggingFaceTB/SmolLM2-135M-Instruct", "--variants", "Q4_K_M,Q8_0",
                               "--push", target, "--out", str(tmp_path / "out"), "--ctx", "128", "--chunks", "4"],
                              capsys)
     assert code == 0, err
+    fetched = {p.rsplit("/", 1)[-1] for m, p in hub.requests_log if m == "GET" and "/resolve/" in p}
+    assert "model.safetensors" in fetched and "model.onnx" not in fetched  # only what the conversion needs
     files = hub.files(target)
     expected = {"SmolLM2-135M-Instruct-Q4_K_M.gguf", "SmolLM2-135M-Instruct-Q8_0.gguf", "README.md",
                 "quantspace.json"}
@@ -93,7 +96,9 @@ def test_python_api_local_folder(tiny_bpe, tmp_path):
     sizes = {f.variant: f.size_bytes for f in report.files}
     assert sizes["Q4_K_M"] < sizes["F16"] == sizes["BF16"]
     assert 15 < report.files[1].bits_per_weight < 17   # F16 ≈ 16 bits per weight
-    assert report.evaluation is None and "not measured" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert report.evaluation is None and "not measured" in card
+    assert "llama-cli -m tiny-llama-bpe-Q4_K_M.gguf" in card  # not pushed: usage points at the local file
 
 
 def test_estimate_matches_real_sizes(hub, tiny_qwen2, tmp_path, capsys, monkeypatch):
@@ -177,6 +182,7 @@ def test_bad_sources_fail_clearly_and_push_nothing(hub, tiny_bpe, tmp_path, caps
     (["quantorg/tiny", "--method", "exl2"], "Unknown method 'exl2'"),
     (["quantorg/tiny", "--push", "bob/x"], "cannot write to 'bob'"),
     (["quantorg/tiny", "--eval-text", "/nonexistent/file.txt"], "file.txt"),
+    (["quantorg/tiny", "--ctx", "2"], "too small"),
 ])
 def test_bad_options_fail_before_work(hub, tiny_bpe, capsys, monkeypatch, tmp_path, args, message):
     seed(hub, "quantorg/tiny", tiny_bpe)
@@ -205,6 +211,20 @@ def test_failed_upload_leaves_no_repo(hub, tiny_bpe, tmp_path, monkeypatch):
     with pytest.raises(PushError, match="nothing was committed"):
         push_folder(tmp_path, ["a.txt"], "alice/half", ALICE_TOKEN, False, "msg")
     assert not HfApi().repo_exists("alice/half", token=ALICE_TOKEN)
+
+
+def test_pickled_weights_convert_when_allowed(tiny_bpe, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from quantspace import quantize
+
+    src = tmp_path / "pickled"
+    shutil.copytree(tiny_bpe, src)
+    torch.save(load_file(src / "model.safetensors"), src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
+    report = quantize(str(src), variants="Q8_0", out=tmp_path / "o", no_eval=True, allow_pickle=True)
+    assert report.files[0].size_bytes > 0 and llama_generate(tmp_path / "o" / "pickled-Q8_0.gguf") is not None
 
 
 def test_module_entry_point_runs():

@@ -58,8 +58,8 @@ class Format(Protocol):
 
     def tags(self, variants: list[str]) -> list[str]: ...
 
-    def usage(self, repo_id: str, report: "Report") -> str:
-        """Markdown: how to run the files of this format."""
+    def usage(self, repo_id: str | None, report: "Report") -> str:
+        """Markdown: how to run the files of this format (from the Hub repo, or locally when None)."""
 
 
 def get_format(name: str) -> Format:

@@ -169,9 +169,16 @@ class GGUF:
     def tags(self, variants: list[str]) -> list[str]:
         return ["gguf", "quantized", "llama.cpp", *[v.lower() for v in variants]]
 
-    def usage(self, repo_id: str, report: "Report") -> str:
+    def usage(self, repo_id: str | None, report: "Report") -> str:
         pick = next((f for f in report.files if f.variant == "Q4_K_M"), report.files[0])
-        lines = [
+        if repo_id is None:  # not pushed: point at the local files
+            return "\n".join([
+                "```sh",
+                f"llama-cli -m {pick.filename}",
+                f"llama-server -m {pick.filename}",
+                "```",
+            ])
+        return "\n".join([
             "### llama.cpp",
             "```sh",
             f"llama-cli -hf {repo_id}:{pick.variant}",
@@ -184,8 +191,7 @@ class GGUF:
             "```",
             "",
             "### LM Studio",
-            f"Search for `{repo_id}` in LM Studio's model browser and pick a file, or run "
-            f"`lms get {repo_id}`.",
+            f"Search for `{repo_id}` in LM Studio's model browser and pick a file, or run `lms get {repo_id}`.",
             "",
             "### Python (llama-cpp-python)",
             "```python",
@@ -193,5 +199,4 @@ class GGUF:
             f'llm = Llama.from_pretrained(repo_id="{repo_id}", filename="{pick.filename}")',
             'print(llm.create_chat_completion(messages=[{"role": "user", "content": "Hello!"}]))',
             "```",
-        ]
-        return "\n".join(lines)
+        ])
