@@ -13,11 +13,12 @@ import gguf
 import numpy as np
 
 from .archs import ArchSpec, arch_of
-from .errors import CorruptWeightsError, MissingFileError
+from .errors import CorruptWeightsError, MissingFileError, UnsupportedArchitectureError
 from .vocab import load_vocab
 from .weights import TensorEntry, all_entries, float32_to_bf16_bits, read_tensor
 
 F16_MAX = 65504.0
+ROPE_SCALINGS = (None, "default", "linear", "llama3")
 OUT_TYPES = {"F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
              "F32": gguf.LlamaFileType.ALL_F32}
 
@@ -44,6 +45,11 @@ class HParams:
             hidden = int(config["hidden_size"])
             rope = config.get("rope_parameters") or {}
             scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+            if kind not in ROPE_SCALINGS:
+                raise UnsupportedArchitectureError(
+                    f"RoPE scaling '{kind}' is not supported yet (supported: linear, llama3)."
+                )
             return cls(
                 n_layer=int(config["num_hidden_layers"]),
                 hidden=hidden,
@@ -118,8 +124,6 @@ def _write_hparams(w: gguf.GGUFWriter, hp: HParams, n_vocab: int, name: str, fty
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(s["factor"]))
-    elif kind not in (None, "default", "llama3"):
-        raise CorruptWeightsError(f"RoPE scaling '{kind}' is not supported yet; only linear and llama3 are.")
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

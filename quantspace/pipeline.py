@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .card import build_card
-from .errors import QuantSpaceError
 from .formats import Format, Output, Tick, get_format
 from .hub import check_target, push_folder, repo_url, resolve_token
-from .report import REPORT_NAME, EvalInfo, FileResult, Report
+from .report import EvalInfo, FileResult, Report
 from .source import SourceInfo, fetch, resolve
 from .weights import all_entries, safetensors_from_pickle
 
@@ -118,6 +117,7 @@ def quantize(
 
     name = f"{info.name}-{fmt.suffix}"
     out_dir = Path(out) if out else Path("quantspace-out") / name
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     before = set(out_dir.iterdir())
     stages = _Stages(progress)
@@ -153,14 +153,14 @@ def quantize(
             tick = stages("upload")
             push_folder(out_dir, [p.name for p in written], push, token, private,
                         f"Add {', '.join(chosen)} {fmt.name.upper()} of {report.source} (QuantSpace)")
-            tick(1, 1)
-            report.timings = stages.finish()
-            report.save(out_dir)
+            tick(1, 1)  # the upload's own time is not in the report: the pushed report is the local one
     except BaseException:
         # Nothing half-written: a failed run removes every file it added to the output folder.
         for path in set(out_dir.iterdir()) - before:
             if path.is_file():
                 path.unlink()
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
         raise
     return report
 
@@ -194,5 +194,3 @@ def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Repor
     finally:
         ref.close()
 
-
-__all__ = ["quantize", "QuantSpaceError", "REPORT_NAME"]

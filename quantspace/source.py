@@ -63,6 +63,15 @@ def parse_spec(spec: str) -> tuple[str, str | None] | Path:
     return repo, (revision or None)
 
 
+def _check_config(config: dict[str, Any]) -> str:
+    """Architecture and hyperparameters we can convert, from config.json alone."""
+    from .convert import HParams
+
+    arch, _ = arch_of(config)
+    HParams.from_config(config)
+    return arch
+
+
 def _check_files(names: set[str], allow_pickle: bool) -> bool:
     """Validate the file list; returns True when the weights are pickled (and allowed)."""
     check_tokenizer_files(names)
@@ -99,7 +108,7 @@ def _resolve_local(spec: str, folder: Path, allow_pickle: bool) -> SourceInfo:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise MissingFileError(f"{config_path} is not valid JSON: {exc}") from None
-    arch, _ = arch_of(config)
+    arch = _check_config(config)
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     pickled = _check_files(set(files), allow_pickle)
     license_ = _read_card_license(folder / "README.md")
@@ -154,8 +163,11 @@ def _resolve_hub(spec: str, repo_id: str, revision: str | None, token: str | Non
         config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token)
     except _hub_errors() as exc:
         raise _translate(exc, repo_id, revision) from None
-    config = json.loads(Path(config_path).read_text(encoding="utf-8"))
-    arch, _ = arch_of(config)
+    try:
+        config = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise MissingFileError(f"config.json of {repo_id} is not valid JSON: {exc}") from None
+    arch = _check_config(config)
     pickled = _check_files(set(files), allow_pickle)
     return SourceInfo(spec, repo_id, info.sha, None, config, arch, files, _license(info.card_data), pickled)
 

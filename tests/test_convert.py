@@ -128,6 +128,27 @@ def test_f16_logits_match_transformers(converted, kind):
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.98
 
 
+def test_llama3_rope_scaling_matches_transformers(tiny_bpe, tmp_path):
+    """llama3-style RoPE scaling becomes llama.cpp's rope_freqs factors; logits still match transformers."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "llama3-rope"
+    shutil.copytree(tiny_bpe, src)
+    cfg = json.loads((src / "config.json").read_text())
+    # A short original context makes the scaled (low) frequencies matter within a 128-token test.
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    (src / "config.json").write_text(json.dumps(cfg))
+    path = convert(src, tmp_path / "m.gguf")
+    tokens = AutoTokenizer.from_pretrained(src)(corpus()[:2000]).input_ids[:128]
+    ours, theirs = gguf_logits(path, tokens), hf_logits(src, tokens)
+    unscaled = gguf_logits(convert(tiny_bpe, tmp_path / "plain.gguf"), tokens)
+    assert np.abs(unscaled - theirs).max() > 10 * np.abs(ours - theirs).max()  # the scaling is visible...
+    assert np.abs(ours - theirs).max() < 5e-3 * np.abs(theirs).max() + 1e-3    # ...and reproduced
+
+
 def test_quantized_logits_stay_close(converted, tmp_path):
     """Q8_0 and Q4_K_M keep the F16 model's predictions within stated bounds (KL divergence)."""
     src, f16 = converted["bpe"]
