@@ -15,9 +15,8 @@ import numpy as np
 from .archs import ArchSpec, arch_of
 from .errors import CorruptWeightsError, MissingFileError, UnsupportedArchitectureError
 from .vocab import load_vocab
-from .weights import TensorEntry, all_entries, float32_to_bf16_bits, read_tensor
+from .weights import TensorEntry, all_entries, read_converted
 
-F16_MAX = 65504.0
 ROPE_SCALINGS = (None, "default", "linear", "llama3")
 OUT_TYPES = {"F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
              "F32": gguf.LlamaFileType.ALL_F32}
@@ -164,15 +163,8 @@ def _materialise(p: _Planned, hp: HParams) -> np.ndarray:
         factors = llama3_rope_factors(hp)
         assert factors is not None
         return factors
-    data = read_tensor(p.entry)
-    if p.permute_heads:
-        data = permute_rows(data, p.permute_heads)
-    if p.out == "F16":
-        # Saturate rather than write inf: weights beyond fp16's range are rare and this keeps one pass.
-        return np.clip(data, -F16_MAX, F16_MAX).astype(np.float16)
-    if p.out == "BF16":
-        return float32_to_bf16_bits(data)
-    return np.ascontiguousarray(data, dtype=np.float32)
+    order = permute_rows(np.arange(p.shape[0]), p.permute_heads) if p.permute_heads else None
+    return read_converted(p.entry, p.out, row_order=order)
 
 
 def convert(model_dir: Path, out_path: Path, *, out_type: str = "F16", name: str | None = None,

@@ -116,39 +116,44 @@ def all_entries(model_dir: Path) -> list[TensorEntry]:
     return [e for f in weight_files(model_dir) for e in entries(f)]
 
 
-def read_tensor(entry: TensorEntry) -> np.ndarray:
-    """Load one tensor as float32 (bf16 and f16 widened exactly)."""
-    if entry.dtype not in _DTYPES:
+F16_MAX = 65504.0
+_BLOCK_BYTES = 16 * 1024 * 1024
+
+
+def read_converted(entry: TensorEntry, out: str, row_order: np.ndarray | None = None) -> np.ndarray:
+    """Read a tensor straight into its GGUF dtype ("F32", "F16" or "BF16" as uint16 bits), block by block.
+
+    Only the output array and one block of about 16 MB are in memory at once; the casts run in torch (already
+    loaded by transformers), which is several times faster than numpy's float16 cast. F16 saturates at ±65504
+    rather than writing inf. `row_order` permutes rows (llama.cpp's q/k layout).
+    """
+    import torch
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    if entry.dtype not in dtypes:
         raise CorruptWeightsError(f"Tensor {entry.name} has dtype {entry.dtype}, which is not a float type we read.")
-    dtype, _ = _DTYPES[entry.dtype]
+    rows = entry.shape[0] if len(entry.shape) > 1 else 1
+    result = torch.empty(entry.shape, dtype=dtypes[out])
+    flat = result.view(rows, -1)
+    row_bytes = entry.nbytes // rows
+    step = max(1, _BLOCK_BYTES // max(1, row_bytes))
+    buf = bytearray(min(rows, step) * row_bytes)
     with open(entry.file, "rb") as f:
         f.seek(entry.start)
-        buf = f.read(entry.nbytes)
-    if len(buf) != entry.nbytes:
-        raise CorruptWeightsError(f"{entry.file.name} is truncated inside tensor {entry.name}.")
-    arr = np.frombuffer(buf, dtype=dtype).reshape(entry.shape)
-    return to_float32(arr, entry.dtype)
-
-
-def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr.astype(np.float32, copy=False)
-
-
-def float32_to_bf16_bits(arr: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 → bfloat16 bit patterns (NaN stays NaN)."""
-    bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(arr)
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    return rounded
-
-
-def iter_tensors(items: list[TensorEntry]) -> Iterator[tuple[TensorEntry, np.ndarray]]:
-    for entry in items:
-        yield entry, read_tensor(entry)
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
+            view = memoryview(buf)[: (hi - lo) * row_bytes]
+            if f.readinto(view) != len(view):
+                raise CorruptWeightsError(f"{entry.file.name} is truncated inside tensor {entry.name}.")
+            block = torch.frombuffer(view, dtype=dtypes[entry.dtype]).view(hi - lo, -1)
+            if out == "F16" and entry.dtype != "F16":
+                block = block.float().clamp_(-F16_MAX, F16_MAX)
+            flat[lo:hi] = block
+    if row_order is not None:
+        result = result[torch.from_numpy(row_order)]
+    if out == "BF16":
+        return result.view(torch.int16).numpy().view(np.uint16)
+    return result.numpy()
 
 
 def safetensors_from_pickle(src: Path, dst: Path) -> Path:

@@ -200,15 +200,33 @@ def test_conversion_streams_one_tensor_at_a_time(tiny_bpe, tmp_path):
 
 def test_bf16_output_is_exact_for_bf16_weights(tiny_bpe, tmp_path):
     import gguf
-    from quantspace.weights import all_entries, float32_to_bf16_bits, read_tensor
+    from safetensors import safe_open
 
-    out = convert(tiny_bpe, tmp_path / "b.gguf", out_type="BF16")
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_bpe, bf16)
+    with safe_open(str(tiny_bpe / "model.safetensors"), "pt") as f:
+        weights = {k: f.get_tensor(k).to(torch.bfloat16) for k in f.keys()}
+    from safetensors.torch import save_file
+
+    save_file(weights, str(bf16 / "model.safetensors"))
+    out = convert(bf16, tmp_path / "b.gguf", out_type="BF16")
     reader = gguf.GGUFReader(out)
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    src = next(e for e in all_entries(tiny_bpe) if e.name.endswith("embed_tokens.weight"))
-    expected = float32_to_bf16_bits(read_tensor(src))
+    expected = weights["model.embed_tokens.weight"].view(torch.int16).numpy().view(np.uint16)
     assert emb.tensor_type == gguf.GGMLQuantizationType.BF16
     assert np.array_equal(np.asarray(emb.data).view(np.uint16).reshape(expected.shape), expected)
+
+
+def test_f16_saturates_instead_of_overflowing(tmp_path):
+    from safetensors.torch import save_file
+
+    from quantspace.weights import entries, read_converted
+
+    save_file({"w": torch.tensor([[1e6, -1e6, 1.5, 0.1]], dtype=torch.bfloat16)}, str(tmp_path / "w.safetensors"))
+    (entry,) = entries(tmp_path / "w.safetensors")
+    out = read_converted(entry, "F16")
+    assert out.dtype == np.float16 and np.isfinite(out).all()
+    assert out.tolist() == [[65504.0, -65504.0, 1.5, np.float16(torch.tensor(0.1, dtype=torch.bfloat16).item())]]
 
 
 def test_corrupt_safetensors_is_a_clear_error(tiny_bpe, tmp_path):
