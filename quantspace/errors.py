@@ -43,6 +43,10 @@ class EvalTextError(QuantSpaceError):
     """The evaluation text is missing, empty or too short."""
 
 
+class HubUnreachableError(QuantSpaceError):
+    """The Hub (or HF_ENDPOINT) could not be reached at all."""
+
+
 class AuthError(QuantSpaceError):
     """No usable Hub token, or the token may not write to the target namespace."""
 

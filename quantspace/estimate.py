@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .errors import BadOptionError
 from .formats import TensorStats, get_format
-from .source import SourceInfo, _hub_errors, _translate, resolve
+from .source import HUB_ERRORS, SourceInfo, hub_error, resolve
 from .weights import all_entries
 
 
@@ -47,8 +47,8 @@ def tensor_shapes(info: SourceInfo, token: str | None) -> dict[str, tuple[int, .
     assert info.repo_id is not None
     try:
         meta = get_safetensors_metadata(info.repo_id, revision=info.revision, token=token)
-    except _hub_errors() as exc:
-        raise _translate(exc, info.repo_id, info.revision) from None
+    except HUB_ERRORS as exc:
+        raise hub_error(exc, info.repo_id, info.revision) from None
     return {name: tuple(t.shape) for fm in meta.files_metadata.values() for name, t in fm.tensors.items()}
 
 

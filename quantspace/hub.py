@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AuthError, BadOptionError, PushError
-from .source import REPO_ID
+from .source import REPO_ID, TransportError, unreachable
 
 
 def resolve_token(token: str | None = None) -> str | None:
@@ -29,6 +29,8 @@ def whoami(token: str | None) -> dict[str, Any]:
         raise AuthError("Pushing needs a Hub token: set HF_TOKEN or run `hf auth login` (write access).")
     try:
         return HfApi().whoami(token=token)
+    except TransportError as exc:
+        raise unreachable(exc) from None
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
         if status in (401, 403):
@@ -72,11 +74,11 @@ def push_folder(folder: Path, files: list[str], repo_id: str, token: str, privat
             created = True
         ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
         commit = api.create_commit(repo_id, operations=ops, commit_message=message, token=token)
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except (HfHubHTTPError, TransportError, OSError, ValueError) as exc:
         if created:
             try:
                 api.delete_repo(repo_id, token=token)
-            except HfHubHTTPError:
+            except (HfHubHTTPError, TransportError):
                 pass
         raise PushError(f"Upload to {repo_id} failed, nothing was committed: {str(exc).splitlines()[0]}") from None
     return str(commit.commit_url)

@@ -8,9 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from huggingface_hub import constants
+from huggingface_hub.errors import GatedRepoError as HfGatedRepoError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+try:  # huggingface_hub 2 talks through httpx2; connection failures are its transport errors
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover - older huggingface_hub
+    from httpx import TransportError
+
 from .archs import arch_of
-from .errors import (AuthError, BadOptionError, GatedRepoError, MissingFileError, PickleRefusedError,
-                     SourceNotFoundError)
+from .errors import (AuthError, BadOptionError, GatedRepoError, HubUnreachableError, MissingFileError,
+                     PickleRefusedError, QuantSpaceError, SourceNotFoundError)
 from .vocab import TOKENIZER_FILES, check_tokenizer_files
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
@@ -126,17 +135,20 @@ def _read_card_license(readme: Path) -> str | None:
         return None
 
 
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    from huggingface_hub.errors import HfHubHTTPError
-
-    return (HfHubHTTPError,)
+HUB_ERRORS = (HfHubHTTPError, TransportError)
 
 
-def _translate(exc: BaseException, repo_id: str, revision: str | None) -> Exception:
-    from huggingface_hub.errors import (GatedRepoError as HfGated, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+def unreachable(exc: Exception) -> HubUnreachableError:
+    return HubUnreachableError(
+        f"Could not reach the Hub at {constants.ENDPOINT} ({type(exc).__name__}); check the network or HF_ENDPOINT."
+    )
 
-    if isinstance(exc, HfGated):
+
+def hub_error(exc: Exception, repo_id: str, revision: str | None) -> QuantSpaceError:
+    """Our typed, one-line error for a Hub client error about the source repo."""
+    if isinstance(exc, TransportError):
+        return unreachable(exc)
+    if isinstance(exc, HfGatedRepoError):
         return GatedRepoError(f"{repo_id} is gated: request access on its Hub page, then try again with that account's token.")
     if isinstance(exc, RevisionNotFoundError):
         return SourceNotFoundError(f"Revision '{revision}' does not exist in {repo_id}.")
@@ -161,8 +173,8 @@ def _resolve_hub(spec: str, repo_id: str, revision: str | None, token: str | Non
         if "config.json" not in files:
             raise MissingFileError(f"{repo_id} has no config.json; it is not a transformers model repo.")
         config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token)
-    except _hub_errors() as exc:
-        raise _translate(exc, repo_id, revision) from None
+    except HUB_ERRORS as exc:
+        raise hub_error(exc, repo_id, revision) from None
     try:
         config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -184,6 +196,6 @@ def fetch(info: SourceInfo, token: str | None = None, cache_dir: Path | None = N
     try:
         path = snapshot_download(info.repo_id, revision=info.revision, allow_patterns=patterns, token=token,
                                  cache_dir=cache_dir, tqdm_class=tqdm_class)
-    except _hub_errors() as exc:
-        raise _translate(exc, info.repo_id, info.revision) from None
+    except HUB_ERRORS as exc:
+        raise hub_error(exc, info.repo_id, info.revision) from None
     return Path(path)

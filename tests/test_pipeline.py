@@ -237,3 +237,11 @@ def test_pickled_weights_convert_when_allowed(tiny_bpe, tmp_path):
 def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "quantspace", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "quantize" in proc.stdout and "estimate" in proc.stdout
+
+
+def test_unreachable_hub_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from tests.hub_fixtures import point_client_at
+
+    point_client_at("http://127.0.0.1:1", tmp_path / "hf", monkeypatch)  # nothing listens there
+    code, _, err = run_cli(["quantize", "someone/model", "--no-eval", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "Could not reach the Hub at http://127.0.0.1:1" in err and "Traceback" not in err
