@@ -101,6 +101,18 @@ def test_python_api_local_folder(tiny_bpe, tmp_path):
     assert "llama-cli -m tiny-llama-bpe-Q4_K_M.gguf" in card  # not pushed: usage points at the local file
 
 
+def test_rerun_keeps_earlier_files_and_leaves_no_intermediate(tiny_bpe, tmp_path):
+    from quantspace import quantize
+
+    out = tmp_path / "result"
+    quantize(str(tiny_bpe), variants="F16", out=out, no_eval=True)
+    f16 = (out / "tiny-llama-bpe-F16.gguf").read_bytes()
+    quantize(str(tiny_bpe), variants="Q8_0", out=out, no_eval=True)
+    assert (out / "tiny-llama-bpe-F16.gguf").read_bytes() == f16
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["README.md", "quantspace.json", "tiny-llama-bpe-F16.gguf", "tiny-llama-bpe-Q8_0.gguf"])
+
+
 def test_estimate_matches_real_sizes(hub, tiny_qwen2, tmp_path, capsys, monkeypatch):
     """Sizes from headers alone are close to what the quantizer really writes, and no weights are fetched."""
     seed(hub, "quantorg/tiny-qwen2", tiny_qwen2)

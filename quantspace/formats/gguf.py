@@ -138,9 +138,10 @@ class GGUF:
 
     def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], stage: StageFn) -> list[Output]:
         outputs: list[Output] = []
-        base = out_dir / f"{name}-F16.gguf"
         quantized = [v for v in variants if v not in DIRECT]
         needs_f16 = "F16" in variants or bool(quantized)
+        # Not a deliverable unless asked for: a hidden name, so an F16 file already in out_dir is left alone.
+        base = out_dir / (f"{name}-F16.gguf" if "F16" in variants else f".{name}-F16.intermediate.gguf")
         if needs_f16:
             convert(model_dir, base, out_type="F16", name=name, progress=stage("convert F16"))
         if "BF16" in variants:
