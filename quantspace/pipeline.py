@@ -14,7 +14,7 @@ from .card import build_card
 from .formats import Format, Output, Tick, get_format
 from .hub import check_target, push_folder, repo_url, resolve_token
 from .report import EvalInfo, FileResult, Report
-from .source import SourceInfo, fetch, resolve
+from .source import SourceInfo, card_license, fetch, resolve
 from .weights import all_entries, safetensors_from_pickle
 
 if TYPE_CHECKING:
@@ -130,7 +130,8 @@ def quantize(
             n_params = parameter_count(model_dir)
             report = Report(
                 source=info.display if info.repo_id else info.name, revision=info.revision, method=fmt.name,
-                name=name, architecture=info.architecture, parameters=n_params, license=info.license,
+                name=name, architecture=info.architecture, parameters=n_params,
+                license=info.license or card_license(model_dir / "README.md"),
                 files=[FileResult(o.path.name, o.variant, o.path.stat().st_size,
                                   round(fmt.bits_per_weight(o, n_params), 3)) for o in outputs],
                 versions=versions(),

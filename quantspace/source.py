@@ -120,11 +120,12 @@ def _resolve_local(spec: str, folder: Path, allow_pickle: bool) -> SourceInfo:
     arch = _check_config(config)
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     pickled = _check_files(set(files), allow_pickle)
-    license_ = _read_card_license(folder / "README.md")
+    license_ = card_license(folder / "README.md")
     return SourceInfo(spec, None, None, folder, config, arch, files, license_, pickled)
 
 
-def _read_card_license(readme: Path) -> str | None:
+def card_license(readme: Path) -> str | None:
+    """The license in a model card's metadata, if any."""
     if not readme.is_file():
         return None
     from huggingface_hub import ModelCard

@@ -41,6 +41,7 @@ def test_push_end_to_end_with_real_model(hub, smollm2, tmp_path, capsys, monkeyp
     """Local Hub source → quantize --push → files, card and report on the Hub; llama.cpp runs each file."""
     seed(hub, "HuggingFaceTB/SmolLM2-135M-Instruct", smollm2)
     hub.put_file("HuggingFaceTB/SmolLM2-135M-Instruct", "onnx/model.onnx", b"not needed" * 1000)
+    hub.put_file("HuggingFaceTB/SmolLM2-135M-Instruct", "README.md", b"---\nlicense: apache-2.0\n---\n# SmolLM2\n")
     monkeypatch.setenv("HF_TOKEN", ALICE_TOKEN)
     target = "alice/SmolLM2-135M-Instruct-GGUF"
     code, out, err = run_cli(["quantize", "HuggingFaceTB/SmolLM2-135M-Instruct", "--variants", "Q4_K_M,Q8_0",
@@ -62,6 +63,7 @@ def test_push_end_to_end_with_real_model(hub, smollm2, tmp_path, capsys, monkeyp
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert card.data.base_model_relation == "quantized"
     assert card.data.library_name == "gguf"
+    assert card.data.license == "apache-2.0"  # carried from the source's card
     assert {"gguf", "q4_k_m", "q8_0"} <= set(card.data.tags)
     assert "llama-cli -hf alice/SmolLM2-135M-Instruct-GGUF" in card.text
 
