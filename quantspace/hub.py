@@ -40,8 +40,9 @@ def whoami(token: str | None) -> dict[str, Any]:
 
 def writable_namespaces(me: dict[str, Any]) -> set[str]:
     names = {me["name"]}
-    for org in me.get("orgs", []) or []:
-        if org.get("roleInOrg", "write") in ("admin", "write", "contributor") or "roleInOrg" not in org:
+    for org in me.get("orgs") or []:
+        # Read-only members cannot push; tokens that do not report a role are left for the Hub to judge.
+        if org.get("roleInOrg") in (None, "admin", "write", "contributor"):
             names.add(org["name"])
     return names
 

@@ -259,3 +259,10 @@ def test_unreachable_hub_is_a_clear_error(tmp_path, capsys, monkeypatch):
     point_client_at("http://127.0.0.1:1", tmp_path / "hf", monkeypatch)  # nothing listens there
     code, _, err = run_cli(["quantize", "someone/model", "--no-eval", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "Could not reach the Hub at http://127.0.0.1:1" in err and "Traceback" not in err
+
+
+def test_read_only_org_members_cannot_push_there():
+    from quantspace.hub import writable_namespaces
+
+    me = {"name": "carol", "orgs": [{"name": "team", "roleInOrg": "write"}, {"name": "club", "roleInOrg": "read"}]}
+    assert writable_namespaces(me) == {"carol", "team"}
