@@ -10,7 +10,7 @@ python="${PYTHON:-python3}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q --upgrade pip
 
-# llama-cpp-python compiles llama.cpp (about 25 minutes on 2 cores): build the wheel once and reuse it.
+# llama-cpp-python compiles llama.cpp (about 10 minutes on 2 cores): build the wheel once and reuse it.
 # GGML_NATIVE=OFF keeps the binary portable (no -march=native), so a cached wheel runs on any x86-64 CPU.
 llama_version=$(sed -n 's/^llama-cpp-python==//p' requirements.txt)
 wheels="${QUANTSPACE_WHEEL_CACHE:-$HOME/.cache/quantspace/wheels}"
