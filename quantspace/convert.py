@@ -44,12 +44,7 @@ class HParams:
             hidden = int(config["hidden_size"])
             rope = config.get("rope_parameters") or {}
             scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-            kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-            if kind not in ROPE_SCALINGS:
-                raise UnsupportedArchitectureError(
-                    f"RoPE scaling '{kind}' is not supported yet (supported: linear, llama3)."
-                )
-            return cls(
+            hp = cls(
                 n_layer=int(config["num_hidden_layers"]),
                 hidden=hidden,
                 ffn=int(config["intermediate_size"]),
@@ -63,6 +58,17 @@ class HParams:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MissingFileError(f"config.json lacks a usable value for {exc}; is this a causal LM config?") from None
+        if hp.rope_kind not in ROPE_SCALINGS:
+            raise UnsupportedArchitectureError(
+                f"RoPE scaling '{hp.rope_kind}' is not supported yet (supported: linear, llama3)."
+            )
+        return hp
+
+    @property
+    def rope_kind(self) -> str | None:
+        """The RoPE scaling type; configs name it `rope_type` (newer) or `type` (older)."""
+        s = self.rope_scaling or {}
+        return s.get("rope_type", s.get("type"))
 
 
 def load_config(model_dir: Path) -> dict[str, Any]:
@@ -83,9 +89,9 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def llama3_rope_factors(hp: HParams) -> np.ndarray | None:
     """Per-frequency divisors of the llama3 RoPE scaling, the form llama.cpp reads from rope_freqs."""
-    s = hp.rope_scaling or {}
-    if s.get("rope_type", s.get("type")) != "llama3":
+    if hp.rope_kind != "llama3":
         return None
+    s = hp.rope_scaling or {}
     factor, low, high = float(s["factor"]), float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
     old_ctx = float(s.get("original_max_position_embeddings", 8192))
     freqs = 1.0 / hp.rope_theta ** (np.arange(0, hp.head_dim, 2, dtype=np.float64) / hp.head_dim)
@@ -118,21 +124,24 @@ def _write_hparams(w: gguf.GGUFWriter, hp: HParams, n_vocab: int, name: str, fty
     w.add_layer_norm_rms_eps(hp.rms_eps)
     w.add_rope_freq_base(hp.rope_theta)
     w.add_file_type(ftype)
-    s = hp.rope_scaling
-    kind = (s or {}).get("rope_type", (s or {}).get("type"))
-    if kind == "linear":
+    if hp.rope_kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(s["factor"]))
+        w.add_rope_scaling_factor(float((hp.rope_scaling or {})["factor"]))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 @dataclass(frozen=True)
 class _Planned:
-    entry: TensorEntry | None     # None for tensors we synthesise (rope_freqs)
+    entry: TensorEntry | None     # None for tensors we synthesise (rope_freqs)...
     name: str                     # GGUF name
     shape: tuple[int, ...]
     out: str                      # "F32", "F16" or "BF16"
     permute_heads: int = 0
+    data: np.ndarray | None = None  # ...whose data is then here
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * (4 if self.out == "F32" else 2)
 
 
 def _plan(entries: list[TensorEntry], spec: ArchSpec, hp: HParams, out_type: str) -> list[_Planned]:
@@ -154,15 +163,15 @@ def _plan(entries: list[TensorEntry], spec: ArchSpec, hp: HParams, out_type: str
         plan.append(_Planned(e, mapped, e.shape, out, heads))
     factors = llama3_rope_factors(hp)
     if factors is not None:
-        plan.append(_Planned(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, "F32"))
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        plan.append(_Planned(None, name, factors.shape, "F32", data=factors))
     return plan
 
 
-def _materialise(p: _Planned, hp: HParams) -> np.ndarray:
+def _materialise(p: _Planned) -> np.ndarray:
     if p.entry is None:
-        factors = llama3_rope_factors(hp)
-        assert factors is not None
-        return factors
+        assert p.data is not None
+        return p.data
     order = permute_rows(np.arange(p.shape[0]), p.permute_heads) if p.permute_heads else None
     return read_converted(p.entry, p.out, row_order=order)
 
@@ -187,19 +196,17 @@ def convert(model_dir: Path, out_path: Path, *, out_type: str = "F16", name: str
     try:
         _write_hparams(writer, hp, len(vocab.tokens), name or model_dir.name, int(OUT_TYPES[out_type]))
         vocab.write(writer)
-        itemsize = {"F32": 4, "F16": 2, "BF16": 2}
         for p in plan:
-            nbytes = int(np.prod(p.shape, dtype=np.int64)) * itemsize[p.out]
             dtype = np.uint16 if p.out == "BF16" else np.dtype(np.float16 if p.out == "F16" else np.float32)
             raw = gguf.GGMLQuantizationType.BF16 if p.out == "BF16" else None
-            writer.add_tensor_info(p.name, p.shape, dtype, nbytes, raw_dtype=raw)
+            writer.add_tensor_info(p.name, p.shape, dtype, p.nbytes, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        total, done = sum(int(np.prod(p.shape, dtype=np.int64)) for p in plan), 0
+        total, done = sum(p.nbytes for p in plan), 0
         for p in plan:
-            writer.write_tensor_data(_materialise(p, hp))
-            done += int(np.prod(p.shape, dtype=np.int64))
+            writer.write_tensor_data(_materialise(p))
+            done += p.nbytes
             if progress:
                 progress(done, total)
         writer.close()

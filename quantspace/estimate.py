@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 
 from .errors import BadOptionError
 from .formats import TensorStats, get_format
@@ -19,20 +20,12 @@ class Estimate:
     sizes: dict[str, int]            # variant → bytes
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "architecture": self.architecture, "parameters": self.parameters,
-                "source_bytes": self.source_bytes, "sizes": self.sizes}
+        return asdict(self)
 
 
 def _stats_from_shapes(shapes: dict[str, tuple[int, ...]]) -> TensorStats:
-    matrices, vectors = {}, 0
-    for name, shape in shapes.items():
-        n = 1
-        for d in shape:
-            n *= d
-        if len(shape) >= 2:
-            matrices[name] = n
-        else:
-            vectors += n
+    matrices = {name: math.prod(shape) for name, shape in shapes.items() if len(shape) >= 2}
+    vectors = sum(math.prod(shape) for shape in shapes.values() if len(shape) < 2)
     return TensorStats(matrices, vectors)
 
 

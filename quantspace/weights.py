@@ -1,27 +1,23 @@
 """Reading safetensors without loading a model: headers for planning, one tensor at a time for converting.
 
-Our own reader (plain file reads, no mmap) keeps resident memory near one tensor, reads bf16 without torch,
-and turns a damaged file into a CorruptWeightsError that names it.
+Our own reader (plain file reads, no mmap) keeps resident memory near one tensor and turns a damaged file
+into a CorruptWeightsError that names it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from .errors import CorruptWeightsError, MissingFileError
 
-_DTYPES: dict[str, tuple[np.dtype, int]] = {
-    "F32": (np.dtype("<f4"), 4),
-    "F16": (np.dtype("<f2"), 2),
-    "BF16": (np.dtype("<u2"), 2),  # kept as raw bits; see to_float32
-    "F64": (np.dtype("<f8"), 8),
-}
+ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}   # the float dtypes we read
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -36,7 +32,7 @@ class TensorEntry:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 def parse_header(raw: bytes, name: str) -> dict[str, Any]:
@@ -86,7 +82,7 @@ def entries(path: Path) -> list[TensorEntry]:
             raise CorruptWeightsError(
                 f"{path.name} is truncated or corrupt: tensor {name} ends past the end of the file."
             )
-        if dtype in _DTYPES and (end - begin) != int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]:
+        if dtype in ITEMSIZE and (end - begin) != math.prod(shape) * ITEMSIZE[dtype]:
             raise CorruptWeightsError(f"{path.name}: tensor {name} has {end - begin} bytes for shape {shape}.")
         out.append(TensorEntry(name, dtype, shape, path, data_start + begin, end - begin))
     out.sort(key=lambda e: e.start)
