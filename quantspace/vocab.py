@@ -37,7 +37,6 @@ PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
     ("bytelevel:regex",): "gpt-2",
 }
 
-SPM_FILES = ("tokenizer.model",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
@@ -118,12 +117,16 @@ def _pad(vocab: VocabData, n_vocab: int) -> None:
         vocab.types.append(int(gguf.TokenType.UNUSED))
 
 
-def _bpe_vocab(tok: dict[str, Any]) -> VocabData:
-    model = tok["model"]
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+def _tokens_by_id(tok: dict[str, Any]) -> tuple[dict[int, str], int]:
+    """Token text per id (model vocabulary, then added tokens) and the vocabulary size they span."""
+    by_id: dict[int, str] = {i: t for t, i in tok["model"]["vocab"].items()}
     for added in tok.get("added_tokens", []):
         by_id[added["id"]] = added["content"]
-    n = max(by_id) + 1
+    return by_id, max(by_id) + 1
+
+
+def _bpe_vocab(tok: dict[str, Any]) -> VocabData:
+    by_id, n = _tokens_by_id(tok)
     missing = [i for i in range(n) if i not in by_id]
     if missing:
         raise TokenizerError(f"tokenizer.json has holes in its token ids (first: {missing[0]}); cannot convert.")
@@ -157,9 +160,10 @@ def _spm_vocab_from_model(path: Path, tok: dict[str, Any] | None) -> VocabData:
             kind = gguf.TokenType.BYTE
         types.append(int(kind))
     if tok is not None:
+        added_types = _added_types(tok)
         for added in sorted(tok.get("added_tokens", []), key=lambda a: a["id"]):
             tid = added["id"]
-            kind = _added_types({"added_tokens": [added]})[tid]
+            kind = added_types[tid]
             if tid < len(tokens):
                 if types[tid] == gguf.TokenType.NORMAL:
                     types[tid] = kind
@@ -184,10 +188,7 @@ def _spm_vocab_from_json(tok: dict[str, Any]) -> VocabData:
     same as applying merges in rank order when a merged piece scores minus its rank.
     """
     model = tok["model"]
-    by_id = {i: t for t, i in model["vocab"].items()}
-    for added in tok.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-    n = max(by_id) + 1
+    by_id, n = _tokens_by_id(tok)
     scores = [0.0] * n
     for rank, merge in enumerate(model.get("merges", [])):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
