@@ -6,20 +6,12 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .report import Report
+from .report import Report, format_size
 
 if TYPE_CHECKING:
     from .formats import Format
 
 QUANTIZED_BY = "QuantSpace"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -37,7 +29,7 @@ def metrics_table(report: Report) -> str:
         m = f.metrics or {}
         top1 = m.get("top1_agreement")
         rows.append(
-            f"| `{f.filename}` | {f.variant} | {_size(f.size_bytes)} | {f.bits_per_weight:.2f} "
+            f"| `{f.filename}` | {f.variant} | {format_size(f.size_bytes)} | {f.bits_per_weight:.2f} "
             f"| {_num(m.get('perplexity'), '.4f')} | {_num(m.get('delta_ppl'), '+.4f')} "
             f"| {_num(m.get('kld_mean'), '.5f')} | {'–' if top1 is None else f'{100 * top1:.2f}%'} |"
         )

@@ -9,14 +9,7 @@ import sys
 from typing import Sequence
 
 from .errors import QuantSpaceError
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+from .report import format_size
 
 
 class _Bars:
@@ -57,7 +50,7 @@ def _table(report) -> str:
         m = f.metrics or {}
         fmt = lambda key, spec: format(m[key], spec) if m.get(key) is not None else "–"  # noqa: E731
         top1 = f"{100 * m['top1_agreement']:.2f}%" if m.get("top1_agreement") is not None else "–"
-        lines.append(f"{f.filename:<{w}} {_size(f.size_bytes):>10} {f.bits_per_weight:>6.2f} "
+        lines.append(f"{f.filename:<{w}} {format_size(f.size_bytes, 1):>10} {f.bits_per_weight:>6.2f} "
                      f"{fmt('perplexity', '.4f'):>9} {fmt('delta_ppl', '+.4f'):>9} {fmt('kld_mean', '.5f'):>8} "
                      f"{top1:>7}")
     return "\n".join(lines)
@@ -108,9 +101,9 @@ def _estimate(args: argparse.Namespace) -> int:
         print(json.dumps(est.to_dict(), indent=2))
         return 0
     print(f"{est.source}: {est.architecture}, {est.parameters / 1e6:.1f}M parameters, "
-          f"{_size(est.source_bytes)} of weights")
+          f"{format_size(est.source_bytes, 1)} of weights")
     for variant, size in est.sizes.items():
-        print(f"  {variant:<8} {_size(size):>10}  ({8 * size / max(1, est.parameters):.2f} bits/weight)")
+        print(f"  {variant:<8} {format_size(size, 1):>10}  ({8 * size / max(1, est.parameters):.2f} bits/weight)")
     return 0
 
 

@@ -11,6 +11,15 @@ REPORT_NAME = "quantspace.json"
 SCHEMA_VERSION = 1
 
 
+def format_size(n: float, digits: int = 2) -> str:
+    """Decimal units, as the Hub shows sizes: 271.08 MB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1000
+    return f"{n:.{digits}f} TB"
+
+
 @dataclass
 class FileResult:
     filename: str
