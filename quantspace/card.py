@@ -51,6 +51,11 @@ def _method(report: Report) -> str:
     )
 
 
+def _notes(fmt: "Format", report: Report) -> str:
+    notes = fmt.card_notes(report).strip()
+    return f"\n{notes}\n" if notes else ""
+
+
 def build_card(report: Report, fmt: "Format") -> ModelCard:
     data = ModelCardData(
         base_model=report.source if "/" in report.source else None,
@@ -82,7 +87,7 @@ def build_card(report: Report, fmt: "Format") -> ModelCard:
 ## Usage
 
 {fmt.usage(report.repo_id, report)}
-
+{_notes(fmt, report)}
 ## Reproduce
 
 Made with QuantSpace ({versions}).

@@ -71,11 +71,38 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--ctx", type=int, default=512, help="evaluation context length (default 512)")
     q.add_argument("--chunks", type=int, default=16, help="evaluation chunks, at most (default 16)")
     q.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (loaded weights-only)")
+    q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where GPU-capable methods compute (default: cuda when present, else cpu)")
+    _format_flags(q)
     e = sub.add_parser("estimate", help="parameter count and output sizes, without downloading weights")
     e.add_argument("source")
     e.add_argument("--method", default="gguf")
     e.add_argument("--json", action="store_true", help="print JSON")
     return p
+
+
+def _format_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per format-specific option, from each format's option table."""
+    from .formats import REGISTRY, get_format
+
+    seen: set[str] = set()
+    for method in REGISTRY:
+        fmt = get_format(method)
+        if not fmt.options:
+            continue
+        group = parser.add_argument_group(f"{method} options")
+        for opt in fmt.options:
+            if opt.name in seen:
+                continue
+            seen.add(opt.name)
+            choices = f" ({'/'.join(map(str, opt.choices))})" if opt.choices else ""
+            group.add_argument(opt.flag, dest=f"opt_{opt.name}", default=None, metavar=opt.name.upper(),
+                               help=f"{opt.help}{choices}; default {opt.default}")
+
+
+def _chosen_options(args: argparse.Namespace) -> dict[str, object]:
+    """The option flags given on the command line; the pipeline checks they belong to the method."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,7 +141,8 @@ def _quantize(args: argparse.Namespace) -> int:
     try:
         report = quantize(args.source, method=args.method, variants=args.variants, out=args.out, push=args.push,
                           private=args.private, eval_text=args.eval_text, no_eval=args.no_eval, ctx=args.ctx,
-                          max_chunks=args.chunks, allow_pickle=args.allow_pickle, progress=bars)
+                          max_chunks=args.chunks, allow_pickle=args.allow_pickle, progress=bars,
+                          options=_chosen_options(args), device=args.device)
     finally:
         bars.close()
     print(_table(report))

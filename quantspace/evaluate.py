@@ -300,12 +300,13 @@ def _source_chunk_logits(model: Any, chunks: list[list[int]], settings: EvalSett
     # Only the scored half needs the (large) vocabulary projection.
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = keep
+    device = next(model.parameters()).device
     for chunk in chunks:
         with torch.inference_mode():
-            out = model(input_ids=torch.tensor([chunk], dtype=torch.long), **kwargs)
+            out = model(input_ids=torch.tensor([chunk], dtype=torch.long, device=device), **kwargs)
         rows = out.logits[0, -keep:][: settings.scored_per_chunk]  # drop position ctx-1
         del out
-        yield rows.float().contiguous().numpy()
+        yield rows.float().contiguous().cpu().numpy()
 
 
 def _release_memory() -> None:
@@ -519,6 +520,18 @@ def _kl_rows(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
     terms = torch.exp(p_log) * (p_log - q_log)
     terms = torch.where(torch.isneginf(p_log), 0.0, terms)  # 0 * (-inf - x) is nan, the limit is 0
     return terms.sum(dim=1).numpy()
+
+
+def evaluate_torch_model(model: Any, ref: Reference, progress: Progress | None = None) -> Metrics:
+    """Evaluate a loaded transformers causal LM (any device, e.g. an AWQ or bitsandbytes checkpoint)
+    on the reference's token chunks and compare it to the source."""
+    model.eval()
+    common_vocab(ref.vocab_size, int(model.config.vocab_size), ref.tokenizer_size)
+    logits = _source_chunk_logits(model, ref.tokens, ref.settings)
+    try:
+        return compare_to_reference(ref, logits, progress)
+    finally:
+        logits.close()
 
 
 # --------------------------------------------------------------------------- GGUF through llama.cpp

@@ -8,10 +8,11 @@ import shlex
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .card import build_card
-from .formats import Format, Output, Tick, get_format
+from .formats import Context, Format, GpuRunner, Output, check_options, get_format, resolve_device, run_directly
+from .errors import BadOptionError
 from .hub import check_target, push_folder, repo_url, resolve_token
 from .report import EvalInfo, FileResult, Report
 from .source import SourceInfo, card_license, fetch, resolve
@@ -41,9 +42,13 @@ def parameter_count(model_dir: Path) -> int:
     return sum(e.n_elements for e in all_entries(model_dir))
 
 
-def _command(source: str, method: str, variants: list[str], push: str | None, private: bool,
-             eval_text: str | None, no_eval: bool) -> str:
-    parts = ["python", "-m", "quantspace", "quantize", source, "--method", method, "--variants", ",".join(variants)]
+def _command(source: str, fmt: Format, variants: list[str], options: dict[str, Any], push: str | None,
+             private: bool, eval_text: str | None, no_eval: bool) -> str:
+    parts = ["python", "-m", "quantspace", "quantize", source, "--method", fmt.name, "--variants", ",".join(variants)]
+    for opt in fmt.options:
+        value = options[opt.name]
+        if value != opt.default:
+            parts += [opt.flag, str(value).lower() if isinstance(value, bool) else str(value)]
     if push:
         parts += ["--push", push] + (["--private"] if private else [])
     if no_eval:
@@ -97,17 +102,27 @@ def quantize(
     ctx: int = 512,
     max_chunks: int = 16,
     progress: ProgressFn | None = None,
+    options: dict[str, Any] | None = None,
+    device: str = "auto",
+    run_gpu: GpuRunner = run_directly,
 ) -> Report:
     """Quantize `source` (Hub repo id[@revision] or local folder) and return the report.
 
     Every check that can fail cheaply (options, token, target namespace, architecture, tokenizer, weights)
     runs before the download. Files are written to `out`; with `push`, they go to the Hub in one commit.
+    `options` are the method's own (see `get_format(method).options`); `device` is auto, cpu or cuda;
+    `run_gpu` runs the GPU stages (the Space passes a ZeroGPU-decorated runner).
     """
     from .evaluate import EvalSettings, load_eval_text
 
     fmt = get_format(method)
     names = variants.split(",") if isinstance(variants, str) else list(variants or fmt.default_variants)
+    reason = fmt.unavailable()
+    if reason:
+        raise BadOptionError(f"{fmt.name} is not available here: {reason}")
     chosen = fmt.check_variants(names)
+    opts = check_options(fmt, options)
+    device = resolve_device(device, fmt)
     settings = EvalSettings(ctx=ctx, max_chunks=max_chunks)   # validates the options
     text = None if no_eval else load_eval_text(eval_text)
     token = resolve_token(token)
@@ -125,22 +140,23 @@ def quantize(
     try:
         with tempfile.TemporaryDirectory(prefix="quantspace-") as work:
             model_dir = _fetch(info, token, Path(work), stages)
-            outputs = fmt.produce(model_dir, out_dir, info.name, chosen, stages)
-            written += [o.path for o in outputs]
+            job = Context(stage=stages, options=opts, device=device, run_gpu=run_gpu, workdir=Path(work))
+            outputs = fmt.produce(model_dir, out_dir, info.name, chosen, job)
+            written += [p for o in outputs for p in o.files]
             n_params = parameter_count(model_dir)
             report = Report(
                 source=info.display if info.repo_id else info.name, revision=info.revision, method=fmt.name,
                 name=name, architecture=info.architecture, parameters=n_params,
                 license=info.license or card_license(model_dir / "README.md"),
-                files=[FileResult(o.path.name, o.variant, o.path.stat().st_size,
-                                  round(fmt.bits_per_weight(o, n_params), 3)) for o in outputs],
+                options=opts, device=device,
+                files=[_file_result(o, n_params) for o in outputs],
                 versions=versions(),
-                command=_command(info.spec, fmt.name, chosen, push, private,
+                command=_command(info.spec, fmt, chosen, opts, push, private,
                                  str(eval_text) if eval_text else None, no_eval),
                 created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             )
             if text is not None:
-                _evaluate(fmt, model_dir, outputs, report, text, settings, Path(work), stages)
+                _evaluate(fmt, model_dir, outputs, report, text, settings, job)
         stages("card")
         if push:
             report.repo_id, report.repo_url = push, repo_url(push)
@@ -166,6 +182,13 @@ def quantize(
     return report
 
 
+def _file_result(output: Output, n_params: int) -> FileResult:
+    size = output.size_bytes
+    return FileResult(output.path.name, output.variant, size, round(8.0 * size / max(1, n_params), 3),
+                      files=[p.name for p in output.weights] if len(output.weights) > 1 else None,
+                      details=dict(output.details) or None)
+
+
 def _fetch(info: SourceInfo, token: str | None, work: Path, stages: _Stages) -> Path:
     tick = stages("download")
     model_dir = fetch(info, token=token)
@@ -178,15 +201,17 @@ def _fetch(info: SourceInfo, token: str | None, work: Path, stages: _Stages) -> 
 
 
 def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Report, text: "EvalText",
-              settings: "EvalSettings", work: Path, stages: _Stages) -> None:
+              settings: "EvalSettings", job: Context) -> None:
     from .evaluate import evaluate_source, method_line, tokenize_for_eval
 
+    stages = job.stage
+    assert job.workdir is not None
     chunks = tokenize_for_eval(model_dir, text, settings)
-    ref = evaluate_source(model_dir, chunks, settings, work, text.source, progress=stages("evaluate source"))
+    ref = evaluate_source(model_dir, chunks, settings, job.workdir, text.source, progress=stages("evaluate source"))
     try:
         report.source_metrics = ref.metrics.to_dict()
         for output, result in zip(outputs, report.files):
-            metrics = fmt.evaluate(output, ref, stages(f"evaluate {output.variant}"))
+            metrics = fmt.evaluate(output, ref, job, stages(f"evaluate {output.variant}"))
             result.metrics = metrics.to_dict()
         report.evaluation = EvalInfo(
             text_source=text.source, n_tokens=ref.metrics.n_tokens, ctx=settings.ctx, chunks=len(chunks),

@@ -27,6 +27,8 @@ class FileResult:
     size_bytes: int
     bits_per_weight: float
     metrics: dict[str, Any] | None = None   # perplexity, delta_ppl, kld_mean, top1_agreement, n_tokens
+    files: list[str] | None = None    # every weight file, when the variant has several (shards)
+    details: dict[str, Any] | None = None   # format-specific facts (memory footprint, QLoRA check...)
 
 
 @dataclass
@@ -47,6 +49,8 @@ class Report:
     architecture: str
     parameters: int
     license: str | None
+    options: dict[str, Any] = field(default_factory=dict)   # format-specific options used
+    device: str = "cpu"               # where the quantization ran
     files: list[FileResult] = field(default_factory=list)
     source_metrics: dict[str, Any] | None = None
     evaluation: EvalInfo | None = None

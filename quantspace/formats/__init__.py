@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
 
 from ..errors import BadOptionError
 
@@ -12,16 +13,38 @@ if TYPE_CHECKING:
     from ..evaluate import Metrics, Reference
     from ..report import Report
 
+T = TypeVar("T")
 # (done, total) for the current stage; the pipeline wraps it with the stage's name.
 Tick = Callable[[int, int], None]
 # Opens a named stage and returns its tick function.
 StageFn = Callable[[str], Tick]
+# Runs a GPU stage: on a ZeroGPU Space inside a GPU window (function and arguments must pickle), else directly.
+GpuRunner = Callable[..., Any]
+
+
+def run_directly(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return fn(*args, **kwargs)
 
 
 @dataclass(frozen=True)
 class Output:
-    path: Path
+    """What one variant wrote: its weight files (counted in its size) and any files that go with them."""
     variant: str
+    weights: tuple[Path, ...]
+    extra: tuple[Path, ...] = ()     # config.json, tokenizer files...: pushed, not counted in the size
+    details: dict[str, Any] = field(default_factory=dict, compare=False)   # format-specific facts for the report
+
+    @property
+    def path(self) -> Path:
+        return self.weights[0]
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return self.weights + self.extra
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.weights)
 
 
 @dataclass(frozen=True)
@@ -35,12 +58,41 @@ class TensorStats:
         return sum(self.matrix_params.values()) + self.vector_params
 
 
+@dataclass(frozen=True)
+class Option:
+    """One format-specific option; the CLI makes a flag of it (--group-size) and the UI a control."""
+    name: str                        # python name, e.g. "group_size"
+    default: Any                     # its type is the option's type (bool, int, float or str)
+    help: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None     # for numbers
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass
+class Context:
+    """What a format's produce/evaluate get beside the model: options, where to compute, progress."""
+    stage: StageFn
+    options: dict[str, Any] = field(default_factory=dict)   # checked, defaults filled (check_options)
+    device: str = "cpu"              # "cpu" or "cuda" (resolved from "auto" by the pipeline)
+    run_gpu: GpuRunner = run_directly
+    workdir: Path | None = None      # scratch space that is removed after the run
+
+
 class Format(Protocol):
     name: str                      # CLI value of --method
     library_name: str              # model card metadata
     suffix: str                    # default repo suffix, e.g. "GGUF"
     variants: tuple[str, ...]          # every variant it can make
     default_variants: tuple[str, ...]
+    options: tuple[Option, ...]        # format-specific options (may be empty)
+    needs_gpu: bool                    # True: refuses to run on the CPU
+
+    def unavailable(self) -> str | None:
+        """Why this format cannot run in this installation (a missing package...), or None."""
 
     def check_variants(self, variants: list[str]) -> list[str]:
         """Normalised variant names, or BadOptionError before any work starts."""
@@ -48,27 +100,78 @@ class Format(Protocol):
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         """Expected file size in bytes per variant."""
 
-    def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], stage: StageFn) -> list[Output]:
-        """Write one file per variant into out_dir."""
+    def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
+        """Write each variant's files into out_dir."""
 
-    def evaluate(self, output: Output, ref: "Reference", tick: Tick) -> "Metrics":
+    def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
         """Accuracy of one output against the source's reference."""
-
-    def bits_per_weight(self, output: Output, n_params: int) -> float: ...
 
     def tags(self, variants: list[str]) -> list[str]: ...
 
     def usage(self, repo_id: str | None, report: "Report") -> str:
         """Markdown: how to run the files of this format (from the Hub repo, or locally when None)."""
 
+    def card_notes(self, report: "Report") -> str:
+        """Markdown: a format-specific card section (may be empty), e.g. the QLoRA check of NF4."""
+
+
+# name → "module:object". A new format is one module and one line here.
+REGISTRY: dict[str, str] = {
+    "gguf": "quantspace.formats.gguf:GGUF",
+}
+
 
 def get_format(name: str) -> Format:
-    from .gguf import GGUF
+    key = name.strip().lower()
+    if key not in REGISTRY:
+        raise BadOptionError(f"Unknown method '{name}'. Available: {', '.join(REGISTRY)}.")
+    module, obj = REGISTRY[key].split(":")
+    return getattr(importlib.import_module(module), obj)()
 
-    formats: dict[str, Format] = {"gguf": GGUF()}
-    try:
-        return formats[name.lower()]
-    except KeyError:
-        raise BadOptionError(
-            f"Unknown method '{name}'. Available: {', '.join(sorted(formats))}."
-        ) from None
+
+def check_options(fmt: Format, given: dict[str, Any] | None) -> dict[str, Any]:
+    """The format's options with defaults filled in; BadOptionError names the bad one."""
+    given = dict(given or {})
+    known = {o.name: o for o in fmt.options}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        allowed = ", ".join(known) or "none"
+        raise BadOptionError(f"Unknown option(s) for {fmt.name}: {', '.join(unknown)}. Options: {allowed}.")
+    out: dict[str, Any] = {}
+    for opt in fmt.options:
+        value = given.get(opt.name, opt.default)
+        kind = type(opt.default)
+        try:
+            if kind is bool and isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                value = value.lower() in ("1", "true", "yes", "on")
+            elif opt.default is not None:
+                value = kind(value)
+        except (TypeError, ValueError):
+            raise BadOptionError(f"Option {opt.name} of {fmt.name} must be a {kind.__name__}, got {value!r}.") from None
+        if opt.choices is not None and value not in opt.choices:
+            raise BadOptionError(
+                f"Option {opt.name} of {fmt.name} must be one of {', '.join(map(str, opt.choices))}; got {value!r}."
+            )
+        if opt.minimum is not None and value < opt.minimum:
+            raise BadOptionError(f"Option {opt.name} of {fmt.name} must be at least {opt.minimum}; got {value!r}.")
+        out[opt.name] = value
+    return out
+
+
+def resolve_device(device: str, fmt: Format) -> str:
+    """"auto" → cuda when a CUDA GPU is visible, else cpu; refuses what cannot work, before any work."""
+    device = (device or "auto").strip().lower()
+    if device not in ("auto", "cpu", "cuda"):
+        raise BadOptionError(f"Unknown device '{device}'. Use auto, cpu or cuda.")
+    if device != "cpu":
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+        if device == "cuda" and not has_cuda:
+            raise BadOptionError("--device cuda was asked for, but no CUDA GPU is visible to torch.")
+        device = "cuda" if has_cuda else "cpu"
+    if device == "cpu" and fmt.needs_gpu:
+        raise BadOptionError(f"{fmt.name} needs a CUDA GPU; none is available here.")
+    return device

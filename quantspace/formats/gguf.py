@@ -14,7 +14,7 @@ import gguf
 
 from ..convert import convert
 from ..errors import BadOptionError, QuantizeError
-from . import Output, StageFn, TensorStats, Tick
+from . import Context, Option, Output, TensorStats, Tick
 
 if TYPE_CHECKING:
     from ..evaluate import Metrics, Reference
@@ -102,6 +102,15 @@ class GGUF:
     suffix = "GGUF"
     variants = tuple(VARIANTS)
     default_variants = ("Q4_K_M", "Q8_0")
+    options: tuple[Option, ...] = ()
+    needs_gpu = False
+
+    def unavailable(self) -> str | None:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            return "llama-cpp-python is not installed (pip install llama-cpp-python)."
+        return None
 
     def check_variants(self, variants: list[str]) -> list[str]:
         out: list[str] = []
@@ -136,7 +145,8 @@ class GGUF:
             sizes[v] = int(bits / 8)
         return sizes
 
-    def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], stage: StageFn) -> list[Output]:
+    def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
+        stage = ctx.stage
         outputs: list[Output] = []
         quantized = [v for v in variants if v not in DIRECT]
         needs_f16 = "F16" in variants or bool(quantized)
@@ -154,18 +164,15 @@ class GGUF:
                 tick(0, 1)
                 llama_quantize(base, path, VARIANTS[v].ftype)
                 tick(1, 1)
-            outputs.append(Output(path, v))
+            outputs.append(Output(v, (path,)))
         if needs_f16 and "F16" not in variants:
             base.unlink(missing_ok=True)   # the intermediate is not a deliverable
         return outputs
 
-    def evaluate(self, output: Output, ref: "Reference", tick: Tick) -> "Metrics":
+    def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
         from ..evaluate import evaluate_gguf
 
         return evaluate_gguf(output.path, ref, progress=tick)
-
-    def bits_per_weight(self, output: Output, n_params: int) -> float:
-        return 8.0 * output.path.stat().st_size / max(1, n_params)
 
     def tags(self, variants: list[str]) -> list[str]:
         return ["gguf", "quantized", "llama.cpp", *[v.lower() for v in variants]]
@@ -201,3 +208,6 @@ class GGUF:
             'print(llm.create_chat_completion(messages=[{"role": "user", "content": "Hello!"}]))',
             "```",
         ])
+
+    def card_notes(self, report: "Report") -> str:
+        return ""
