@@ -57,3 +57,7 @@ class PushError(QuantSpaceError):
 
 class QuantizeError(QuantSpaceError):
     """llama.cpp (or another backend) failed to produce or load a file."""
+
+
+class CalibrationError(QuantSpaceError):
+    """The calibration data set is missing, unreadable or too short."""
