@@ -1,8 +1,13 @@
 """QuantSpace — the Gradio app (a Hugging Face Space, or `python app.py` locally)."""
 
-from quantspace.ui import build_demo
+# ZeroGPU patches torch when `spaces` is imported, so it must come before anything that imports torch.
+import spaces  # noqa: F401  (no-op off a ZeroGPU Space)
+
+from quantspace.ui import build_demo, launch_kwargs
 
 demo = build_demo()
+# One heavy job at a time per GPU (or CPU box); preflight and search have their own small limit.
+demo.queue(default_concurrency_limit=1)
 
 if __name__ == "__main__":
-    demo.queue(default_concurrency_limit=1).launch()
+    demo.launch(**launch_kwargs())

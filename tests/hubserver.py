@@ -480,6 +480,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json({"type": "user", "id": self.user.name, "name": self.user.name,
                                "fullname": self.user.name, "email": f"{self.user.name}@example.com",
                                "emailVerified": True, "canPay": False, "isPro": False, "orgs": orgs,
+                               "avatarUrl": f"/avatars/{self.user.name}.svg",  # read by Gradio's mocked sign-in
                                "auth": {"type": "access_token",
                                         "accessToken": {"displayName": "tests", "role": "write"}}})
         elif path == "/api/repos/create" and method == "POST":

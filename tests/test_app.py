@@ -1,36 +1,182 @@
-"""The minimal page really serves the pipeline over Gradio's API (gradio_client, 127.0.0.1 only)."""
+"""The Space's named API, called with gradio_client against the app on 127.0.0.1 and the local Hub.
+
+One app and one Hub per module (launching is the slow part); each test uses its own target repo.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 
+from quantspace.pipeline import parameter_count
+from tests.hub_fixtures import ALICE_TOKEN, BOB_TOKEN, point_client_at
+from tests.hubserver import HubServer
 
-@pytest.fixture()
-def app_url():
-    from app import demo
+# Off a Space, Gradio warns that sign-in is mocked with the machine's token: that is what these tests use.
+pytestmark = pytest.mark.filterwarnings("ignore:Gradio does not support OAuth")
+TINY = "quantorg/tiny-llama"
+GPT2 = "quantorg/tiny-gpt2"
 
+
+@dataclass
+class Served:
+    url: str
+    hub: HubServer
+    jobs: Path
+    hf_home: Path
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False)
+
+    def jobs_left(self) -> list[str]:
+        return sorted(p.name for p in self.jobs.iterdir()) if self.jobs.exists() else []
+
+
+def launch_app(tmp: Path, mp: pytest.MonkeyPatch, hub: HubServer, tiny: Path) -> tuple[object, str]:
+    """The app as app.py builds it, on 127.0.0.1, talking to `hub` with alice's token as the machine login."""
+    hub.add_user("alice", ALICE_TOKEN, orgs=["quantorg"])
+    hub.add_user("bob", BOB_TOKEN)
+    point_client_at(hub.url, tmp / "hf_home", mp)
+    mp.setenv("HF_TOKEN", ALICE_TOKEN)        # the machine's login: Gradio's mocked sign-in uses it
+    mp.setenv("QUANTSPACE_JOBS_DIR", str(tmp / "jobs"))
+    hub.create_repo(TINY)
+    hub.upload_folder(TINY, tiny)
+    gpt2 = tmp / "gpt2"
+    shutil.copytree(tiny, gpt2)
+    cfg = json.loads((gpt2 / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (gpt2 / "config.json").write_text(json.dumps(cfg))
+    hub.create_repo(GPT2)
+    hub.upload_folder(GPT2, gpt2)
+
+    from quantspace.ui import build_demo, launch_kwargs
+
+    demo = build_demo()
     demo.queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True,
-                            quiet=True, show_error=True)
-    try:
-        yield url
-    finally:
-        demo.close()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                            **launch_kwargs())
+    return demo, url
 
 
-def test_quantize_endpoint(app_url, tiny_bpe):
-    from gradio_client import Client
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_bpe):
+    tmp = tmp_path_factory.mktemp("app")
+    with pytest.MonkeyPatch.context() as mp, HubServer(root=tmp / "hub") as hub:
+        demo, url = launch_app(tmp, mp, hub, tiny_bpe)
+        try:
+            yield Served(url, hub, tmp / "jobs", tmp / "hf_home")
+        finally:
+            demo.close()
 
-    client = Client(app_url, verbose=False)
-    card, report = client.predict(str(tiny_bpe), ["Q8_0"], "", False, False, api_name="/quantize")
-    assert report["files"][0]["variant"] == "Q8_0"
-    assert report["files"][0]["filename"] == "tiny-llama-bpe-Q8_0.gguf"
-    assert "tiny-llama-bpe-Q8_0.gguf" in card
+
+def test_every_action_has_a_named_endpoint(served):
+    api = served.client().view_api(print_info=False, return_format="dict")
+    named = set(api["named_endpoints"])
+    assert {"/preflight", "/quantize", "/search_models", "/cancel"} <= named
+    assert not api["unnamed_endpoints"]
+    # The page's own handlers are not part of the API (Gradio's LoginButton adds its /_check_login_status).
+    assert {n for n in named if not n.startswith("/_")} == {"/preflight", "/quantize", "/search_models", "/cancel"}
+    params = {p["parameter_name"]: p["python_type"]["type"] for p in api["named_endpoints"]["/quantize"]["parameters"]}
+    assert params["model"] == "str" and params["private"] == "bool" and params["hf_token"] == "str"
 
 
-def test_quantize_endpoint_reports_readable_errors(app_url):
-    from gradio_client import Client
+def test_search_suggests_hub_models(served):
+    client = served.client()
+    assert TINY in client.predict("tiny-ll", api_name="/search_models")
+    assert client.predict("x", api_name="/search_models") == []   # too short to search
 
-    client = Client(app_url, verbose=False)
-    with pytest.raises(Exception, match="No model given"):
-        client.predict("", ["Q8_0"], "", False, False, api_name="/quantize")
+
+def test_preflight_reports_sizes_before_any_download(served, tiny_bpe):
+    pre = served.client().predict(TINY, "gguf", ["Q4_K_M", "Q8_0"], "", True, "", api_name="/preflight")
+    assert pre["ok"] and not pre["problems"]
+    assert pre["architecture"] == "LlamaForCausalLM"
+    assert pre["parameters"] == parameter_count(tiny_bpe)
+    assert pre["download_bytes"] == (tiny_bpe / "model.safetensors").stat().st_size
+    assert set(pre["sizes"]) == {"Q4_K_M", "Q8_0"} and pre["sizes"]["Q4_K_M"] < pre["sizes"]["Q8_0"]
+    assert pre["disk_needed"] > pre["download_bytes"] + sum(pre["sizes"].values())
+    assert pre["repo_name"] == "tiny-llama-GGUF"
+    assert pre["hardware"]["kind"] == "cpu"
+    assert not list(served.hf_home.rglob("*.safetensors"))   # headers only, never the weights
+
+
+@pytest.mark.parametrize("model, target, token, message", [
+    ("", "", "", "No model given"),
+    ("quantorg/does-not-exist", "", "", "was not found"),
+    (GPT2, "", "", "Architecture GPT2LMHeadModel is not supported"),
+    (TINY, "bob/tiny-llama-GGUF", ALICE_TOKEN, "cannot write to 'bob'"),
+])
+def test_preflight_explains_problems(served, model, target, token, message):
+    pre = served.client().predict(model, "gguf", ["Q8_0"], target, False, token, api_name="/preflight")
+    assert not pre["ok"]
+    assert any(message in p for p in pre["problems"]), pre["problems"]
+
+
+def test_quantize_pushes_with_progress(served):
+    client = served.client()
+    target = "alice/tiny-llama-GGUF"
+    job = client.submit(TINY, "gguf", ["Q8_0", "Q4_K_M"], {}, target, False, False, ALICE_TOKEN,
+                        api_name="/quantize")
+    stages = set()
+    while not job.done():
+        status = job.status()
+        stages |= {p.desc for p in status.progress_data or [] if p.desc}
+        time.sleep(0.02)
+    report = job.result()
+    assert report["repo_id"] == target and report["repo_url"].endswith(target)
+    assert [f["variant"] for f in report["files"]] == ["Q8_0", "Q4_K_M"]
+    files = served.hub.files(target)
+    assert {"tiny-llama-Q8_0.gguf", "tiny-llama-Q4_K_M.gguf", "README.md", "quantspace.json"} <= set(files)
+    assert json.loads(files["quantspace.json"])["files"] == report["files"]
+    assert stages and stages <= {"download", "convert F16", "quantize Q8_0", "quantize Q4_K_M", "card", "upload"}
+    assert served.jobs_left() == []
+
+
+@pytest.mark.parametrize("target, token, message", [
+    ("alice/signed-out-GGUF", "", "Sign in with Hugging Face"),
+    ("bob/not-yours-GGUF", ALICE_TOKEN, "cannot write to 'bob'"),
+])
+def test_refused_push_writes_nothing(served, target, token, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=message):
+        served.client().predict(TINY, "gguf", ["Q8_0"], {}, target, False, False, token, api_name="/quantize")
+    assert not any(r.repo_id == target for r in served.hub._repos.values())
+    assert served.jobs_left() == []
+
+
+def test_bad_model_through_the_api(served):
+    from gradio_client.exceptions import AppError
+
+    client = served.client()
+    for model, message in [("", "No model given"), ("quantorg/does-not-exist", "was not found"),
+                           (GPT2, "GPT2LMHeadModel is not supported")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(model, "gguf", ["Q8_0"], {}, "", False, False, "", api_name="/quantize")
+    with pytest.raises(AppError, match="Unknown GGUF variant"):
+        client.predict(TINY, "gguf", ["Q9"], {}, "", False, False, "", api_name="/quantize")
+    assert served.jobs_left() == []
+
+
+def test_cancel_stops_the_job_and_cleans_up(served):
+    from gradio_client.exceptions import AppError
+
+    client = served.client()
+    target = "alice/cancelled-GGUF"
+    job = client.submit(TINY, "gguf", ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"], {}, target, False,
+                        True, ALICE_TOKEN, api_name="/quantize")
+    deadline = time.monotonic() + 60
+    while not (job.status().progress_data or job.done()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.predict(api_name="/cancel") is True
+    with pytest.raises(AppError, match="Cancelled"):
+        job.result()
+    assert not any(r.repo_id == target for r in served.hub._repos.values())
+    assert served.jobs_left() == []
+    assert client.predict(api_name="/cancel") is False   # nothing left to cancel

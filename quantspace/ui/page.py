@@ -1,0 +1,301 @@
+"""The page: sign in, pick a model, see the preflight, choose a method, run, see the result.
+
+Built from `quantspace.formats.REGISTRY`: every format gets a tab with its variants and its own options (each
+`Option` becomes a control), so a new format appears here without edits. Handlers are thin over `api.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import gradio as gr
+import pandas as pd
+
+from ..formats import REGISTRY, Format, Option, get_format
+from ..preflight import on_space, on_zero_gpu, preflight
+from . import api
+from .jobs import JobSpec, jobs_root
+from .views import Log, card_body, plot_rows, preflight_markdown, result_markdown
+
+INTRO = """# 🧮 QuantSpace
+Turn a Hugging Face model into files your hardware can run, and see what each file costs in accuracy:
+quantize, **measure** (perplexity, KL divergence, top-1 agreement against the source), publish with a model card."""
+SIGNED_OUT = ("**Not signed in.** Sign in with Hugging Face to push the results to your account or one of your "
+              "organisations (the Space asks for permission to create and write repos, nothing else). "
+              "Without signing in you can still quantize, measure and download the files.")
+NO_LOCAL_LOGIN = ("**Running locally without a Hub login**, so sign-in is off: run `hf auth login` (or set "
+                  "`HF_TOKEN`) and restart to push. You can still quantize local folders or public models.")
+CSS = """
+.gradio-container { max-width: 1200px !important; margin: auto; }
+#preflight { min-height: 3em; }
+#log textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
+footer { display: none !important; }
+"""
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald",
+                       font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def launch_kwargs() -> dict[str, Any]:
+    """What `launch()` needs beside the server address (the theme and CSS are launch options in Gradio 6)."""
+    return {"theme": THEME, "css": CSS, "allowed_paths": [str(jobs_root())], "show_error": True}
+
+
+def oauth_available() -> bool:
+    """On a Space, OAuth is real; locally Gradio mocks it with this machine's token, which must exist."""
+    if on_space():
+        return True
+    from huggingface_hub import get_token
+
+    return get_token() is not None
+
+
+@dataclass
+class MethodTab:
+    """One format's tab and controls; `reason` says why it is disabled, if it is."""
+    name: str
+    fmt: Format
+    reason: str | None
+    tab: gr.Tab
+    variants: gr.CheckboxGroup
+    options: list[tuple[Option, gr.Component]]
+
+
+def _reason(fmt: Format) -> str | None:
+    """Why this method cannot run here: a missing package, or no GPU for a GPU-only format."""
+    reason = fmt.unavailable()
+    if reason is None and fmt.needs_gpu and not on_zero_gpu():
+        import torch
+
+        if not torch.cuda.is_available():
+            reason = "needs a CUDA GPU and this machine has none."
+    return reason
+
+
+def _control(opt: Option, enabled: bool) -> gr.Component:
+    """A control for one format option, chosen by the option's type."""
+    label = opt.name.replace("_", " ").capitalize()
+    if opt.choices is not None:
+        return gr.Dropdown(list(opt.choices), value=opt.default, label=label, info=opt.help, interactive=enabled)
+    if isinstance(opt.default, bool):
+        return gr.Checkbox(value=opt.default, label=label, info=opt.help, interactive=enabled)
+    if isinstance(opt.default, (int, float)):
+        return gr.Number(value=opt.default, label=label, info=opt.help, minimum=opt.minimum,
+                         precision=0 if isinstance(opt.default, int) else None, interactive=enabled)
+    return gr.Textbox(value=opt.default or "", label=label, info=opt.help, interactive=enabled)
+
+
+def _method_tabs() -> list[MethodTab]:
+    tabs = []
+    for name in REGISTRY:
+        fmt = get_format(name)
+        reason = _reason(fmt)
+        label = name.upper() if reason is None else f"{name.upper()} (unavailable)"
+        with gr.Tab(label, id=name, interactive=reason is None, elem_id=f"tab-{name}") as tab:
+            if reason:
+                gr.Markdown(f"⚠️ {name.upper()} {reason}")
+            variants = gr.CheckboxGroup(list(fmt.variants), value=list(fmt.default_variants),
+                                        label=f"{name.upper()} variants", interactive=reason is None,
+                                        elem_id=f"variants-{name}")
+            options = [(opt, _control(opt, reason is None)) for opt in fmt.options]
+        tabs.append(MethodTab(name, fmt, reason, tab, variants, options))
+    return tabs
+
+
+def _unavailable_note(tabs: list[MethodTab]) -> str:
+    return "\n".join(f"- **{t.name.upper()}** is unavailable: {t.reason}" for t in tabs if t.reason)
+
+
+def build_demo() -> gr.Blocks:
+    can_sign_in = oauth_available()
+    with gr.Blocks(title="QuantSpace", delete_cache=(3600, 3600)) as demo:
+        method = gr.State("gguf" if "gguf" in REGISTRY else next(iter(REGISTRY)))
+        auto_target = gr.State("")          # the last target we filled in; a user's own edit is kept
+        with gr.Row(equal_height=True):
+            with gr.Column(scale=4):
+                gr.Markdown(INTRO)
+            with gr.Column(scale=1, min_width=220):
+                if can_sign_in:
+                    gr.LoginButton()
+        account = gr.Markdown(SIGNED_OUT if can_sign_in else NO_LOCAL_LOGIN, elem_id="account")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                gr.Markdown("### 1 · Model")
+                local = "" if on_space() else " or a local folder"
+                model = gr.Textbox(label="Model", placeholder="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                   info=f"A Hub repo id (owner/name[@revision]){local}; press Enter to check it.",
+                                   elem_id="model")
+                matches = gr.Radio([], label="Matches on the Hub", visible=False, elem_id="matches")
+                pre_md = gr.Markdown("Pick a model: the preflight checks it before anything is downloaded.",
+                                     elem_id="preflight")
+                gr.Markdown("### 2 · Method")
+                with gr.Tabs(selected=method.value):
+                    tabs = _method_tabs()
+                note = _unavailable_note(tabs)
+                if note:
+                    gr.Markdown(note)
+                gr.Markdown("### 3 · Publish")
+                target = gr.Textbox(label="Target repo", placeholder="you/Model-GGUF", elem_id="target",
+                                    info="Created in your namespace (or an organisation you can write to).")
+                with gr.Row():
+                    push = gr.Checkbox(value=False, label="Push to the Hub", interactive=False, elem_id="push")
+                    private = gr.Checkbox(value=False, label="Private repo")
+                    evaluate = gr.Checkbox(value=True, label="Measure accuracy", elem_id="evaluate")
+                with gr.Row():
+                    run = gr.Button("Quantize", variant="primary", elem_id="run")
+                    cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")
+            with gr.Column(scale=6):
+                gr.Markdown("### Progress")
+                log = gr.Textbox(label="Live log", lines=10, max_lines=10, autoscroll=True, interactive=False,
+                                 elem_id="log")
+                result = gr.Markdown(elem_id="result")
+                plot = gr.ScatterPlot(pd.DataFrame({"size_mb": [], "kld": [], "variant": []}), x="size_mb", y="kld",
+                                      color="variant", title="Size vs accuracy (one point per file)",
+                                      x_title="File size (MB)", y_title="KL divergence from the source (lower is better)",
+                                      tooltip=["file", "size_mb", "kld", "delta_ppl", "top1"], height=300,
+                                      visible=False, elem_id="plot")
+                files = gr.File(label="Downloads (report JSON, and the files when not pushed)", file_count="multiple",
+                                visible=False, elem_id="files")
+                with gr.Accordion("Model card", open=False, visible=False, elem_id="card-box") as card_box:
+                    card = gr.Markdown(elem_id="card")
+
+        variants_of = {t.name: t.variants for t in tabs}
+        pre_inputs = {model, method, target, push, evaluate, *variants_of.values()}
+
+        # -- sign-in: who is here decides whether pushing is possible, and the default target -------------
+        def on_load(profile: gr.OAuthProfile | None) -> dict:
+            if profile is None:
+                return {account: SIGNED_OUT if can_sign_in else NO_LOCAL_LOGIN,
+                        push: gr.update(value=False, interactive=False)}
+            return {account: f"Signed in as **{profile.username}**: results can be pushed to your account "
+                             "or your organisations.",
+                    push: gr.update(value=True, interactive=True)}
+
+        demo.load(on_load, None, [account, push], api_visibility="private", queue=False)
+
+        # -- model search --------------------------------------------------------------------------------
+        def on_type(text: str, oauth_token: gr.OAuthToken | None) -> dict:
+            ids = api.search_models(text, "", oauth_token)
+            ids = [i for i in ids if i != text.strip()]
+            return gr.update(choices=ids, value=None, visible=bool(ids))
+
+        model.input(on_type, model, matches, api_visibility="private", trigger_mode="always_last",
+                    show_progress="hidden", queue=False)
+
+        # -- preflight -----------------------------------------------------------------------------------
+        def on_preflight(data: dict, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None) -> dict:
+            source = (data[model] or "").strip()
+            if not source:
+                return {pre_md: "Pick a model: the preflight checks it before anything is downloaded.",
+                        run: gr.update(interactive=True)}
+            name = data[method]
+            want_push = data[push] and profile is not None
+            pre = preflight(source, name, data[variants_of[name]] or None,
+                            token=api._token("", oauth_token), evaluate=data[evaluate],
+                            target=(data[target] or "").strip() or None if want_push else None)
+            return {pre_md: preflight_markdown(pre), run: gr.update(interactive=pre.ok)}
+
+        def suggest_target(data: dict, profile: gr.OAuthProfile | None) -> dict:
+            """Fill the target with <user>/<model>-<SUFFIX> unless the user typed their own."""
+            source, current = (data[model] or "").strip(), (data[target] or "").strip()
+            if profile is None or not source or current not in ("", data[auto_target]):
+                return {}
+            fmt = get_format(data[method])
+            stem = source.split("@")[0].rstrip("/").split("/")[-1]
+            value = f"{profile.username}/{stem}-{fmt.suffix}"
+            return {target: value, auto_target: value}
+
+        def pick(choice: str | None) -> str:
+            return choice or ""
+
+        checks = dict(fn=on_preflight, inputs=pre_inputs, outputs=[pre_md, run], api_visibility="private",
+                      concurrency_limit=4, concurrency_id="preflight")
+        naming = dict(fn=suggest_target, inputs={model, method, target, auto_target},
+                      outputs=[target, auto_target], api_visibility="private", queue=False)
+        model.submit(**naming).then(**checks)
+        model.blur(**naming).then(**checks)
+        matches.select(pick, matches, model, api_visibility="private", queue=False).then(**naming).then(**checks)
+        for t in tabs:
+            if t.reason is None:
+                t.variants.change(**checks)
+        evaluate.change(**checks)
+        push.change(**checks)
+        target.blur(**checks)
+        for t in tabs:
+            if t.reason is None:
+                # Switching tabs switches the method (and the default target's suffix).
+                t.tab.select(lambda n=t.name: n, None, method, api_visibility="private",
+                                 queue=False).then(**naming).then(**checks)
+
+        # -- run -----------------------------------------------------------------------------------------
+        outputs = [log, result, plot, files, card, card_box, run, cancel]
+
+        def on_run(data: dict, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None,
+                   request: gr.Request, progress: gr.Progress = gr.Progress()) -> Iterator[dict]:
+            name = data[method]
+            tab = next(t for t in tabs if t.name == name)
+            if tab.reason:
+                raise gr.Error(f"{name.upper()} {tab.reason}")
+            want_push = bool(data[push])
+            if want_push and profile is None:
+                raise gr.Error("Sign in with Hugging Face to push; without signing in, untick 'Push to the Hub'.")
+            spec = JobSpec(model=(data[model] or "").strip(), method=name, variants=list(data[tab.variants] or []),
+                           options={o.name: data[c] for o, c in tab.options},
+                           target=(data[target] or "").strip() or None if want_push else None,
+                           private=bool(data[private]), evaluate=bool(data[evaluate]))
+            if want_push and not spec.target:
+                raise gr.Error("Enter a target repo (owner/name), or untick 'Push to the Hub'.")
+            yield from _run_job(spec, api._token("", oauth_token), request, progress)
+
+        def _run_job(spec: JobSpec, token: str | None, request: gr.Request, progress: gr.Progress) -> Iterator[dict]:
+            lines = Log()
+            lines.note(f"queued {spec.model} → {spec.method.upper()} {', '.join(spec.variants)}")
+            yield {log: lines.text, result: "", plot: gr.update(visible=False), files: gr.update(visible=False),
+                   card_box: gr.update(visible=False), run: gr.update(interactive=False),
+                   cancel: gr.update(interactive=True)}
+            job = api.start_job(spec, token, request)
+            try:
+                for event in job.follow():
+                    if event is not None:
+                        stage, done, total = event
+                        lines.update(stage, done, total)
+                        progress((done, total), desc=stage)
+                        yield {log: lines.text}
+                try:
+                    res = job.wait()
+                except BaseException as exc:
+                    lines.note("cancelled: nothing was pushed, files removed" if job.cancelled else f"failed: {exc}")
+                    yield {log: lines.text, run: gr.update(interactive=True), cancel: gr.update(interactive=False)}
+                    raise api.readable(exc) from None
+                lines.note("finished")
+                rows = plot_rows(res.report)
+                keep = [res.folder / "quantspace.json"]
+                if not res.report.get("repo_url"):   # not pushed: the files themselves are the result
+                    keep += [res.folder / f for entry in res.report["files"]
+                             for f in (entry.get("files") or [entry["filename"]])]
+                # Gradio copies these into its cache before the job folder is removed (after this yield).
+                yield {log: lines.text, result: result_markdown(res.report),
+                       plot: gr.update(value=pd.DataFrame(rows), visible=bool(rows)),
+                       files: gr.update(value=[str(p) for p in keep], visible=True),
+                       card: card_body(res.card), card_box: gr.update(visible=True, open=False),
+                       run: gr.update(interactive=True), cancel: gr.update(interactive=False)}
+            finally:
+                api.finish_job(job, request)
+
+        run_inputs = {model, method, target, push, private, evaluate, *variants_of.values(),
+                      *(c for t in tabs for _, c in t.options)}
+        run.click(on_run, run_inputs, outputs, api_visibility="private", concurrency_limit=1,
+                  concurrency_id="heavy")
+        cancel.click(api.cancel_api, None, None, api_visibility="private", queue=False)
+
+        def on_unload(request: gr.Request) -> None:
+            api.BOARD.cancel(api._session(request))   # closing the tab cancels its job
+
+        demo.unload(on_unload)
+
+        # -- the named API -------------------------------------------------------------------------------
+        gr.api(api.search_models, api_name="search_models", concurrency_limit=4, concurrency_id="preflight")
+        gr.api(api.preflight_api, api_name="preflight", concurrency_limit=4, concurrency_id="preflight")
+        gr.api(api.quantize_api, api_name="quantize", concurrency_limit=1, concurrency_id="heavy")
+        gr.api(api.cancel_api, api_name="cancel", queue=False)
+    return demo
