@@ -39,13 +39,14 @@ class Served:
         return sorted(p.name for p in self.jobs.iterdir()) if self.jobs.exists() else []
 
 
-def launch_app(tmp: Path, mp: pytest.MonkeyPatch, hub: HubServer, tiny: Path) -> tuple[object, str]:
-    """The app as app.py builds it, on 127.0.0.1, talking to `hub` with alice's token as the machine login."""
+def launch_app_env(tmp: Path, mp: pytest.MonkeyPatch, hub: HubServer, tiny: Path) -> None:
+    """Point the client (and subprocesses) at `hub`, alice's token as the machine login; seed two models."""
     hub.add_user("alice", ALICE_TOKEN, orgs=["quantorg"])
     hub.add_user("bob", BOB_TOKEN)
     point_client_at(hub.url, tmp / "hf_home", mp)
     mp.setenv("HF_TOKEN", ALICE_TOKEN)        # the machine's login: Gradio's mocked sign-in uses it
     mp.setenv("QUANTSPACE_JOBS_DIR", str(tmp / "jobs"))
+    mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     hub.create_repo(TINY)
     hub.upload_folder(TINY, tiny)
     gpt2 = tmp / "gpt2"
@@ -56,20 +57,18 @@ def launch_app(tmp: Path, mp: pytest.MonkeyPatch, hub: HubServer, tiny: Path) ->
     hub.create_repo(GPT2)
     hub.upload_folder(GPT2, gpt2)
 
-    from quantspace.ui import build_demo, launch_kwargs
-
-    demo = build_demo()
-    demo.queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
-                            **launch_kwargs())
-    return demo, url
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_bpe):
     tmp = tmp_path_factory.mktemp("app")
     with pytest.MonkeyPatch.context() as mp, HubServer(root=tmp / "hub") as hub:
-        demo, url = launch_app(tmp, mp, hub, tiny_bpe)
+        launch_app_env(tmp, mp, hub, tiny_bpe)
+        from quantspace.ui import build_demo, launch_kwargs
+
+        demo = build_demo()   # as app.py builds it
+        demo.queue(default_concurrency_limit=1)
+        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                                **launch_kwargs())
         try:
             yield Served(url, hub, tmp / "jobs", tmp / "hf_home")
         finally:

@@ -102,6 +102,16 @@ def _method_tabs() -> list[MethodTab]:
     return tabs
 
 
+def _plot_update(rows: list[dict[str, Any]]) -> dict:
+    """The plot with some room around its points (Vega fits the axes tightly to the data otherwise)."""
+    if not rows:
+        return gr.update(visible=False)
+    size = max(r["size_mb"] for r in rows)
+    kld = max(r["kld"] for r in rows)
+    return gr.update(value=pd.DataFrame(rows), visible=True, x_lim=[0, round(size * 1.15, 2)],
+                     y_lim=[0, round(kld * 1.2, 4) or 1])
+
+
 def _unavailable_note(tabs: list[MethodTab]) -> str:
     return "\n".join(f"- **{t.name.upper()}** is unavailable: {t.reason}" for t in tabs if t.reason)
 
@@ -111,12 +121,12 @@ def build_demo() -> gr.Blocks:
     with gr.Blocks(title="QuantSpace", delete_cache=(3600, 3600)) as demo:
         method = gr.State("gguf" if "gguf" in REGISTRY else next(iter(REGISTRY)))
         auto_target = gr.State("")          # the last target we filled in; a user's own edit is kept
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=False):
             with gr.Column(scale=4):
                 gr.Markdown(INTRO)
             with gr.Column(scale=1, min_width=220):
                 if can_sign_in:
-                    gr.LoginButton()
+                    gr.LoginButton(size="md")
         account = gr.Markdown(SIGNED_OUT if can_sign_in else NO_LOCAL_LOGIN, elem_id="account")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
@@ -151,7 +161,7 @@ def build_demo() -> gr.Blocks:
                 result = gr.Markdown(elem_id="result")
                 plot = gr.ScatterPlot(pd.DataFrame({"size_mb": [], "kld": [], "variant": []}), x="size_mb", y="kld",
                                       color="variant", title="Size vs accuracy (one point per file)",
-                                      x_title="File size (MB)", y_title="KL divergence from the source (lower is better)",
+                                      x_title="File size (MB)", y_title="KL divergence (lower is better)",
                                       tooltip=["file", "size_mb", "kld", "delta_ppl", "top1"], height=300,
                                       visible=False, elem_id="plot")
                 files = gr.File(label="Downloads (report JSON, and the files when not pushed)", file_count="multiple",
@@ -275,7 +285,7 @@ def build_demo() -> gr.Blocks:
                              for f in (entry.get("files") or [entry["filename"]])]
                 # Gradio copies these into its cache before the job folder is removed (after this yield).
                 yield {log: lines.text, result: result_markdown(res.report),
-                       plot: gr.update(value=pd.DataFrame(rows), visible=bool(rows)),
+                       plot: _plot_update(rows),
                        files: gr.update(value=[str(p) for p in keep], visible=True),
                        card: card_body(res.card), card_box: gr.update(visible=True, open=False),
                        run: gr.update(interactive=True), cancel: gr.update(interactive=False)}

@@ -24,7 +24,7 @@ def preflight_markdown(pre: PreflightResult) -> str:
         params = f" · {_count(pre.parameters)} parameters" if pre.parameters else ""
         lines.append(f"**{pre.source}** · {pre.architecture}{params}")
         lines.append("")
-    lines += [f"✅ {c}" for c in pre.checks]
+    lines += [f"- ✅ {c}" for c in pre.checks]
     if pre.sizes:
         lines += ["", f"| {pre.method.upper()} variant | Expected size |", "|---|---:|"]
         lines += [f"| {v} | {format_size(s)} |" for v, s in pre.sizes.items()]
@@ -43,7 +43,7 @@ def preflight_markdown(pre: PreflightResult) -> str:
     if facts:
         lines += ["", " · ".join(facts)]
     if pre.problems:
-        lines += [""] + [f"❌ {p}" for p in pre.problems]
+        lines += [""] + [f"- ❌ {p}" for p in pre.problems]
     elif pre.ok:
         lines += ["", "**Ready.** Nothing has been downloaded yet."]
     return "\n".join(lines)
@@ -75,7 +75,7 @@ def result_markdown(report: dict[str, Any]) -> str:
         head = f"### ✅ Pushed to [{report['repo_id']}]({report['repo_url']})"
     else:
         head = "### ✅ Done (not pushed): download the files below"
-    lines = [head, "", "| File | Size | Bits/weight | ΔPPL | KLD | Top-1 |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [head, "", "| File | Size | Bits/w | ΔPPL | KLD | Top-1 |", "|---|---:|---:|---:|---:|---:|"]
     for f in report.get("files", []):
         m = f.get("metrics") or {}
 
@@ -100,7 +100,10 @@ class Log:
         return f"[{s // 60:02d}:{s % 60:02d}]"
 
     def update(self, stage: str, done: int, total: int) -> None:
-        step = f" {done}/{total}" if total > 1 else (" done" if done >= total > 0 else "")
+        if total > 1 and done < total:
+            step = f" {done}/{total}" if total <= 1000 else f" {100 * done // total}%"   # bytes: a percentage
+        else:
+            step = " done" if done >= total > 0 else ""
         line = f"{self._stamp()} {stage}{step}"
         if stage == self.stage and self.lines:
             self.lines[-1] = line

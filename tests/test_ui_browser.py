@@ -1,0 +1,127 @@
+"""The page in a real browser: Debian's chromium driven by Playwright against `python app.py` and the local Hub.
+
+Sign in (Gradio's mocked OAuth, backed by alice's token), a bad model id, then the tiny model: preflight,
+a GGUF run that pushes, the result link and the size-vs-accuracy plot. Screenshots go to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.hubserver import HubServer
+from tests.test_app import TINY, launch_app_env
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(),
+                                reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, tiny_bpe):
+    """`python app.py` in its own process group, against a local Hub seeded with the tiny model."""
+    tmp = tmp_path_factory.mktemp("browser")
+    port = free_port()
+    with pytest.MonkeyPatch.context() as mp, HubServer(root=tmp / "hub") as hub:
+        launch_app_env(tmp, mp, hub, tiny_bpe)
+        env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+        log = open(tmp / "app.log", "wb")
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            wait_http(url, proc)
+            yield url, hub, tmp / "jobs"
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
+    from playwright.sync_api import expect
+
+    url, hub, jobs = app_url
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    expect(page.get_by_text("Not signed in.")).to_be_visible()
+    page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
+    expect(page.get_by_text("Signed in as alice")).to_be_visible()
+    expect(page.get_by_role("button", name=re.compile(r"Logout \(alice\)"))).to_be_visible()
+
+    model = page.locator("#model textarea, #model input").first
+    # A model that does not exist: the preflight says so and the run stays disabled.
+    model.fill("quantorg/does-not-exist")
+    model.press("Enter")
+    expect(page.locator("#preflight")).to_contain_text("was not found")
+    expect(page.locator("#run")).to_be_disabled()
+
+    model.fill(TINY)
+    model.press("Enter")
+    expect(page.locator("#preflight")).to_contain_text("LlamaForCausalLM")
+    expect(page.locator("#preflight")).to_contain_text("Ready.")
+    expect(page.locator("#preflight")).to_contain_text("Q4_K_M")
+    expect(page.locator("#target input, #target textarea").first).to_have_value("alice/tiny-llama-GGUF")
+    page.screenshot(path=str(ARTIFACTS / "preflight.png"), full_page=True)
+
+    page.locator("#run").click()
+    result = page.locator("#result")
+    expect(result).to_contain_text("Pushed to alice/tiny-llama-GGUF", timeout=240_000)
+    link = result.get_by_role("link", name="alice/tiny-llama-GGUF")
+    assert link.get_attribute("href").endswith("/alice/tiny-llama-GGUF")
+    plot = page.locator("#plot")
+    expect(plot).to_be_visible()
+    expect(plot.locator("canvas, svg").first).to_be_visible()
+    expect(page.locator("#log textarea")).to_have_value(re.compile(r"download.*quantize Q4_K_M.*upload done", re.S))
+    page.screenshot(path=str(ARTIFACTS / "result.png"), full_page=True)
+
+    assert {"tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf", "quantspace.json"} <= set(hub.files("alice/tiny-llama-GGUF"))
+    assert not list(jobs.iterdir())
