@@ -7,6 +7,7 @@ decorator returns the function unchanged, so a local CUDA GPU (or the CPU) is us
 from __future__ import annotations
 
 import functools
+import pickle
 from typing import Any, Callable
 
 from ..errors import QuantSpaceError
@@ -40,8 +41,19 @@ def _in_window(seconds: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) 
 _gpu_call = spaces.GPU(duration=_window_seconds)(_in_window) if spaces is not None else _in_window
 
 
+def _run_in_window(seconds: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    import gradio as gr
+
+    try:
+        return _gpu_call(seconds, fn, *args, **kwargs)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        # Raised here, in the app's process, only while sending the call to the ZeroGPU worker.
+        name = getattr(fn, "__name__", repr(fn))
+        raise gr.Error(f"{name} cannot run in a ZeroGPU window: its arguments must pickle ({exc}).") from None
+
+
 def gpu_runner(parameters: int) -> GpuRunner:
     """The `run_gpu` to hand the pipeline: a ZeroGPU window sized for this model, or a direct call."""
     if not on_zero_gpu():
         return run_directly
-    return functools.partial(_gpu_call, gpu_seconds(parameters))
+    return functools.partial(_run_in_window, gpu_seconds(parameters))
