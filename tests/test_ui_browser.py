@@ -1,7 +1,8 @@
 """The page in a real browser: Debian's chromium driven by Playwright against `python app.py` and the local Hub.
 
-Sign in (Gradio's mocked OAuth, backed by alice's token), a bad model id, then the tiny model: preflight,
-a GGUF run that pushes, the result link and the size-vs-accuracy plot. Screenshots go to tests/artifacts/.
+Signed out (no push, an empty model id), sign in (Gradio's mocked OAuth, backed by alice's token), bad models
+and a target alice cannot write to, then the tiny model: preflight, a GGUF run that pushes, the result link
+and the size-vs-accuracy plot. Screenshots go to tests/artifacts/.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.hubserver import HubServer
-from tests.test_app import TINY, launch_app_env
+from tests.test_app import GPT2, TINY, launch_app_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -93,23 +94,39 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     page.set_default_timeout(60_000)
     page.goto(url)
     expect(page.get_by_text("Not signed in.")).to_be_visible()
+    expect(page.locator("#push input")).to_be_disabled()          # signed out: nothing can be pushed
+    page.locator("#run").click()                                   # no model given: a readable error
+    expect(page.get_by_text("No model given").first).to_be_visible()
+
     page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
     expect(page.get_by_text("Signed in as alice")).to_be_visible()
     expect(page.get_by_role("button", name=re.compile(r"Logout \(alice\)"))).to_be_visible()
+    expect(page.locator("#push input")).to_be_checked()
 
     model = page.locator("#model textarea, #model input").first
-    # A model that does not exist: the preflight says so and the run stays disabled.
-    model.fill("quantorg/does-not-exist")
-    model.press("Enter")
-    expect(page.locator("#preflight")).to_contain_text("was not found")
-    expect(page.locator("#run")).to_be_disabled()
+    preflight = page.locator("#preflight")
+    # Bad models: the preflight says what is wrong and the run stays disabled.
+    for bad, message in [("quantorg/does-not-exist", "was not found"), (GPT2, "GPT2LMHeadModel is not supported")]:
+        model.fill(bad)
+        model.press("Enter")
+        expect(preflight).to_contain_text(message)
+        expect(page.locator("#run")).to_be_disabled()
 
     model.fill(TINY)
     model.press("Enter")
-    expect(page.locator("#preflight")).to_contain_text("LlamaForCausalLM")
-    expect(page.locator("#preflight")).to_contain_text("Ready.")
-    expect(page.locator("#preflight")).to_contain_text("Q4_K_M")
-    expect(page.locator("#target input, #target textarea").first).to_have_value("alice/tiny-llama-GGUF")
+    expect(preflight).to_contain_text("LlamaForCausalLM")
+    expect(preflight).to_contain_text("Ready.")
+    expect(preflight).to_contain_text("Q4_K_M")
+    target = page.locator("#target input, #target textarea").first
+    expect(target).to_have_value("alice/tiny-llama-GGUF")
+    # A namespace alice cannot write to is refused before any work.
+    target.fill("bob/tiny-llama-GGUF")
+    target.blur()
+    expect(preflight).to_contain_text("cannot write to 'bob'")
+    expect(page.locator("#run")).to_be_disabled()
+    target.fill("alice/tiny-llama-GGUF")
+    target.blur()
+    expect(preflight).to_contain_text("Ready.")
     page.screenshot(path=str(ARTIFACTS / "preflight.png"), full_page=True)
 
     page.locator("#run").click()
@@ -121,6 +138,8 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     expect(plot).to_be_visible()
     expect(plot.locator("canvas, svg").first).to_be_visible()
     expect(page.locator("#log textarea")).to_have_value(re.compile(r"download.*quantize Q4_K_M.*upload done", re.S))
+    expect(page.locator("#run")).to_be_enabled()                 # ready for the next job
+    expect(page.locator("#cancel")).to_be_disabled()
     page.screenshot(path=str(ARTIFACTS / "result.png"), full_page=True)
 
     assert {"tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf", "quantspace.json"} <= set(hub.files("alice/tiny-llama-GGUF"))

@@ -156,7 +156,7 @@ def build_demo() -> gr.Blocks:
                     cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")
             with gr.Column(scale=6):
                 gr.Markdown("### Progress")
-                log = gr.Textbox(label="Live log", lines=10, max_lines=10, autoscroll=True, interactive=False,
+                log = gr.Textbox(label="Live log", lines=12, max_lines=16, autoscroll=True, interactive=False,
                                  elem_id="log")
                 result = gr.Markdown(elem_id="result")
                 plot = gr.ScatterPlot(pd.DataFrame({"size_mb": [], "kld": [], "variant": []}), x="size_mb", y="kld",
@@ -218,8 +218,13 @@ def build_demo() -> gr.Blocks:
         def pick(choice: str | None) -> str:
             return choice or ""
 
-        checks = dict(fn=on_preflight, inputs=pre_inputs, outputs=[pre_md, run], api_visibility="private",
-                      concurrency_limit=4, concurrency_id="preflight")
+        # Every trigger bumps one counter and one listener runs the preflight: "always_last" then runs them
+        # in order and skips stale ones, so the panel always shows the latest inputs (no races).
+        pre_seq = gr.Number(0, visible=False)
+        pre_seq.change(on_preflight, pre_inputs, [pre_md, run], api_visibility="private", concurrency_limit=4,
+                       concurrency_id="preflight", trigger_mode="always_last")
+        checks = dict(fn=lambda n: (n or 0) + 1, inputs=pre_seq, outputs=pre_seq, api_visibility="private",
+                      queue=False, show_progress="hidden")
         naming = dict(fn=suggest_target, inputs={model, method, target, auto_target},
                       outputs=[target, auto_target], api_visibility="private", queue=False)
         model.submit(**naming).then(**checks)
@@ -228,14 +233,12 @@ def build_demo() -> gr.Blocks:
         for t in tabs:
             if t.reason is None:
                 t.variants.change(**checks)
+                # Switching tabs switches the method (and the default target's suffix).
+                t.tab.select(lambda n=t.name: n, None, method, api_visibility="private",
+                             queue=False).then(**naming).then(**checks)
         evaluate.change(**checks)
         push.change(**checks)
         target.blur(**checks)
-        for t in tabs:
-            if t.reason is None:
-                # Switching tabs switches the method (and the default target's suffix).
-                t.tab.select(lambda n=t.name: n, None, method, api_visibility="private",
-                                 queue=False).then(**naming).then(**checks)
 
         # -- run -----------------------------------------------------------------------------------------
         outputs = [log, result, plot, files, card, card_box, run, cancel]
