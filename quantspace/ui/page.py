@@ -213,6 +213,8 @@ def build_demo() -> gr.Blocks:
             fmt = get_format(data[method])
             stem = source.split("@")[0].rstrip("/").split("/")[-1]
             value = f"{profile.username}/{stem}-{fmt.suffix}"
+            if value == current:
+                return {}   # unchanged: writing it again could undo what the user is typing right now
             return {target: value, auto_target: value}
 
         def pick(choice: str | None) -> str:
