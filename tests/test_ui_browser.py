@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -143,4 +144,18 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     page.screenshot(path=str(ARTIFACTS / "result.png"), full_page=True)
 
     assert {"tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf", "quantspace.json"} <= set(hub.files("alice/tiny-llama-GGUF"))
+    assert not list(jobs.iterdir())
+
+    # Not pushed: the files themselves are offered for download (copied out before the job folder goes).
+    page.locator("#push input").uncheck()
+    page.locator("#evaluate input").uncheck()
+    expect(preflight).to_contain_text("Ready.")
+    page.locator("#run").click()
+    expect(result).to_contain_text("Done (not pushed)", timeout=120_000)
+    expect(page.locator("#plot")).to_be_hidden()                  # nothing measured, nothing to plot
+    links = {a.get_attribute("href").rsplit("/", 1)[-1]: a.get_attribute("href")
+             for a in page.locator("#files a").all()}
+    assert set(links) == {"quantspace.json", "tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf"}
+    with urllib.request.urlopen(urllib.parse.urljoin(url, links["tiny-llama-Q8_0.gguf"])) as r:
+        assert r.read(4) == b"GGUF"
     assert not list(jobs.iterdir())

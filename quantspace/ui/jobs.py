@@ -86,7 +86,8 @@ class Job:
         self._thread.start()
 
     def _tick(self, stage: str, done: int, total: int) -> None:
-        if self._cancel.is_set():
+        # The upload is one commit: once it has started, stopping could not take it back, so it finishes.
+        if self._cancel.is_set() and stage != "upload":
             raise Cancelled("Cancelled; nothing was pushed and the job's files were removed.")
         self._events.put((stage, done, total))
 

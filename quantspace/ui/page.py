@@ -157,6 +157,7 @@ def build_demo() -> gr.Blocks:
             with gr.Column(scale=6):
                 gr.Markdown("### Progress")
                 log = gr.Textbox(label="Live log", lines=12, max_lines=16, autoscroll=True, interactive=False,
+                                 placeholder="Each stage of the run appears here as it happens.",
                                  elem_id="log")
                 result = gr.Markdown(elem_id="result")
                 plot = gr.ScatterPlot(pd.DataFrame({"size_mb": [], "kld": [], "variant": []}), x="size_mb", y="kld",
@@ -165,7 +166,7 @@ def build_demo() -> gr.Blocks:
                                       tooltip=["file", "size_mb", "kld", "delta_ppl", "top1"], height=300,
                                       visible=False, elem_id="plot")
                 files = gr.File(label="Downloads (report JSON, and the files when not pushed)", file_count="multiple",
-                                visible=False, elem_id="files")
+                                interactive=False, visible=False, elem_id="files")
                 with gr.Accordion("Model card", open=False, visible=False, elem_id="card-box") as card_box:
                     card = gr.Markdown(elem_id="card")
 
@@ -202,7 +203,7 @@ def build_demo() -> gr.Blocks:
             want_push = data[push] and profile is not None
             pre = preflight(source, name, data[variants_of[name]] or None,
                             token=api._token("", oauth_token), evaluate=data[evaluate],
-                            target=(data[target] or "").strip() or None if want_push else None)
+                            target=((data[target] or "").strip() or None) if want_push else None)
             return {pre_md: preflight_markdown(pre), run: gr.update(interactive=pre.ok)}
 
         def suggest_target(data: dict, profile: gr.OAuthProfile | None) -> dict:
@@ -256,20 +257,20 @@ def build_demo() -> gr.Blocks:
                 raise gr.Error("Sign in with Hugging Face to push; without signing in, untick 'Push to the Hub'.")
             spec = JobSpec(model=(data[model] or "").strip(), method=name, variants=list(data[tab.variants] or []),
                            options={o.name: data[c] for o, c in tab.options},
-                           target=(data[target] or "").strip() or None if want_push else None,
+                           target=((data[target] or "").strip() or None) if want_push else None,
                            private=bool(data[private]), evaluate=bool(data[evaluate]))
             if want_push and not spec.target:
                 raise gr.Error("Enter a target repo (owner/name), or untick 'Push to the Hub'.")
             yield from _run_job(spec, api._token("", oauth_token), request, progress)
 
         def _run_job(spec: JobSpec, token: str | None, request: gr.Request, progress: gr.Progress) -> Iterator[dict]:
+            job = api.start_job(spec, token, request)   # refusals (e.g. no token to push) leave the page as is
             lines = Log()
-            lines.note(f"queued {spec.model} → {spec.method.upper()} {', '.join(spec.variants)}")
-            yield {log: lines.text, result: "", plot: gr.update(visible=False), files: gr.update(visible=False),
-                   card_box: gr.update(visible=False), run: gr.update(interactive=False),
-                   cancel: gr.update(interactive=True)}
-            job = api.start_job(spec, token, request)
+            lines.note(f"started {spec.model} → {spec.method.upper()} {', '.join(spec.variants)}")
             try:
+                yield {log: lines.text, result: "", plot: gr.update(visible=False), files: gr.update(visible=False),
+                       card_box: gr.update(visible=False), run: gr.update(interactive=False),
+                       cancel: gr.update(interactive=True)}
                 for event in job.follow():
                     if event is not None:
                         stage, done, total = event
@@ -282,7 +283,7 @@ def build_demo() -> gr.Blocks:
                     lines.note("cancelled: nothing was pushed, files removed" if job.cancelled else f"failed: {exc}")
                     yield {log: lines.text, run: gr.update(interactive=True), cancel: gr.update(interactive=False)}
                     raise api.readable(exc) from None
-                lines.note("finished")
+                lines.note("finished" if not job.cancelled else "finished: Cancel came after the upload had started")
                 rows = plot_rows(res.report)
                 keep = [res.folder / "quantspace.json"]
                 if not res.report.get("repo_url"):   # not pushed: the files themselves are the result
