@@ -139,8 +139,8 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
         return result
     result.architecture = info.architecture
     result.repo_name = f"{info.name}-{fmt.suffix}"
-    where = "the Hub" if info.repo_id else "this machine"
-    result.checks.append(f"Found {info.display} on {where}; readable with {'your' if token else 'anonymous'} access.")
+    result.checks.append(f"Found {info.display} on the Hub; access OK." if info.repo_id
+                         else f"Found the folder {info.display}.")
     result.checks.append(f"Architecture {info.architecture} is supported; tokenizer and weights are usable.")
     try:
         est = estimate(result.source, fmt.name, result.variants or list(fmt.default_variants), token=token, info=info)

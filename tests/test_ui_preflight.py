@@ -10,6 +10,7 @@ from quantspace.formats import REGISTRY, Option, TensorStats
 from quantspace.formats.gguf import GGUF
 from quantspace.pipeline import parameter_count
 from quantspace.preflight import Hardware, gpu_seconds, preflight
+from tests.hub_fixtures import point_client_at
 
 GIB = 2**30
 
@@ -87,9 +88,9 @@ def test_gpu_format_on_cpu_and_on_zerogpu(tiny_bpe: Path, fake_formats, monkeypa
     assert gpu_seconds(7_000_000_000) > gpu_seconds(1_000_000_000) > gpu_seconds(0)
 
 
-def test_page_is_built_from_the_registry(fake_formats, monkeypatch):
+def test_page_is_built_from_the_registry(fake_formats, monkeypatch, tmp_path):
     """A new format gets a tab with its variants and one control per option; an unavailable one is disabled."""
-    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)   # no Hub login on this "machine"
+    point_client_at("http://127.0.0.1:9", tmp_path / "hf_home", monkeypatch)   # no Hub login on this "machine"
     from quantspace.ui import build_demo
 
     config = build_demo().get_config_file()

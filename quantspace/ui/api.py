@@ -25,7 +25,7 @@ def readable(exc: BaseException) -> gr.Error:
     if isinstance(exc, Cancelled):
         return gr.Error(str(exc), title="Cancelled")
     if isinstance(exc, QuantSpaceError):
-        return gr.Error(str(exc), title=type(exc).__name__.removesuffix("Error") or "Error")
+        return gr.Error(str(exc))
     return gr.Error(f"Unexpected failure: {type(exc).__name__}: {exc}")
 
 

@@ -32,7 +32,7 @@ def _in_window(seconds: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) 
     try:
         return fn(*args, **kwargs)
     except QuantSpaceError as exc:
-        raise gr.Error(str(exc), title=type(exc).__name__) from None
+        raise gr.Error(str(exc)) from None
     except Exception as exc:  # anything else would reach the user as a bare class name
         raise gr.Error(f"The GPU stage failed: {type(exc).__name__}: {exc}") from None
 

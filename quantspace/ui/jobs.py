@@ -9,7 +9,6 @@ import queue
 import shutil
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +20,7 @@ from .gpu import gpu_runner
 
 # Gradio's mocked sign-in (off a Space) hands out this placeholder instead of a real token.
 MOCK_OAUTH_TOKEN = "mock-oauth-token-for-local-dev"
-Event = tuple[str, int, int]   # (stage, done, total)
+Step = tuple[str, int, int]   # (stage, done, total)
 
 
 def jobs_root() -> Path:
@@ -79,8 +78,7 @@ class Job:
         self.dir = Path(tempfile.mkdtemp(prefix="job-", dir=jobs_root()))
         self.result: JobResult | None = None
         self.error: BaseException | None = None
-        self.started = time.monotonic()
-        self._events: queue.Queue[Event | None] = queue.Queue()
+        self._events: queue.Queue[Step | None] = queue.Queue()
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="quantspace-job", daemon=True)
         self._thread.start()
@@ -116,7 +114,7 @@ class Job:
 
         return estimate(self.spec.model, self.spec.method, self.spec.variants or None, token=self.token).parameters
 
-    def follow(self, poll: float = 0.25) -> Iterator[Event | None]:
+    def follow(self, poll: float = 0.25) -> Iterator[Step | None]:
         """Progress events as they come; None every `poll` seconds while nothing happens (to refresh timers)."""
         while True:
             try:
