@@ -56,4 +56,6 @@ def test_gpu_stages_run_in_zerogpu_windows(tmp_path):
     assert probe["error"] == {"type": "gr.Error", "message": "llama.cpp could not quantize the model (test)."}
     assert "true" in [r["fail"] for r in releases[1:]]
     assert probe["unpicklable"]["type"] == "gr.Error"
-    assert "pickle" in probe["unpicklable"]["message"]
+    assert "arguments must pickle" in probe["unpicklable"]["message"]
+    assert probe["unpicklable_result"]["type"] == "gr.Error"
+    assert "result cannot leave the ZeroGPU window" in probe["unpicklable_result"]["message"]

@@ -118,7 +118,9 @@ def main() -> None:
     run = gpu_runner(params)
     out: dict[str, Any] = {"parent_pid": os.getpid(), "expected_seconds": gpu_seconds(params)}
     out["worker_pid"] = run(worker_pid)
-    for name, fn, args in (("error", fail_readably, ()), ("unpicklable", worker_pid_of, (lambda: 0,))):
+    cases = (("error", fail_readably, ()), ("unpicklable", worker_pid_of, (lambda: 0,)),
+             ("unpicklable_result", unpicklable_result, ()))
+    for name, fn, args in cases:
         try:
             run(fn, *args)
             out[name] = None
@@ -131,6 +133,10 @@ def main() -> None:
 
 def worker_pid_of(fn: Any) -> int:
     return os.getpid()
+
+
+def unpicklable_result() -> Any:
+    return lambda: os.getpid()
 
 
 if __name__ == "__main__":

@@ -30,11 +30,17 @@ def _in_window(seconds: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) 
     import gradio as gr
 
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except QuantSpaceError as exc:
         raise gr.Error(str(exc)) from None
     except Exception as exc:  # anything else would reach the user as a bare class name
         raise gr.Error(f"The GPU stage failed: {type(exc).__name__}: {exc}") from None
+    try:
+        pickle.dumps(result)   # ZeroGPU would report a result that cannot leave the worker as "PicklingError"
+    except Exception as exc:
+        name = getattr(fn, "__name__", repr(fn))
+        raise gr.Error(f"{name} ran, but its result cannot leave the ZeroGPU window: it must pickle ({exc}).") from None
+    return result
 
 
 # Decorated once at import (ZeroGPU registers GPU functions before launch); a no-op off ZeroGPU.
