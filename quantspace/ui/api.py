@@ -29,7 +29,7 @@ def readable(exc: BaseException) -> gr.Error:
     return gr.Error(f"Unexpected failure: {type(exc).__name__}: {exc}")
 
 
-def _token(hf_token: str, oauth_token: gr.OAuthToken | None) -> str | None:
+def token_for(hf_token: str, oauth_token: gr.OAuthToken | None) -> str | None:
     return user_token(hf_token, oauth_token.token if oauth_token is not None else None)
 
 
@@ -42,7 +42,7 @@ def search_models(query: str, hf_token: str = "", oauth_token: gr.OAuthToken | N
 
     try:
         models = HfApi().list_models(search=query, pipeline_tag="text-generation", sort="downloads",
-                                     limit=SEARCH_LIMIT, token=_token(hf_token, oauth_token))
+                                     limit=SEARCH_LIMIT, token=token_for(hf_token, oauth_token))
         return [m.id for m in models]
     except Exception:  # suggestions are a convenience; the preflight reports real problems
         return []
@@ -53,7 +53,7 @@ def preflight_api(model: str, method: str = "gguf", variants: list[str] | None =
                   oauth_token: gr.OAuthToken | None = None) -> dict[str, Any]:
     """Check a model before any download: architecture, access, parameter count, the size of every variant,
     disk needed and hardware fit. `problems` lists, one sentence each, what would make a run fail."""
-    return preflight(model, method, variants or None, token=_token(hf_token, oauth_token), evaluate=evaluate,
+    return preflight(model, method, variants or None, token=token_for(hf_token, oauth_token), evaluate=evaluate,
                      target=target.strip() or None).to_dict()
 
 
@@ -66,7 +66,7 @@ def quantize_api(model: str, method: str = "gguf", variants: list[str] | None = 
     progress = gr.Progress()
     spec = JobSpec(model=model, method=method, variants=list(variants or []), options=dict(options or {}),
                    target=target.strip() or None, private=private, evaluate=evaluate)
-    job = start_job(spec, _token(hf_token, oauth_token), request)
+    job = start_job(spec, token_for(hf_token, oauth_token), request)
     try:
         for event in job.follow():
             if event is not None:
@@ -82,10 +82,10 @@ def quantize_api(model: str, method: str = "gguf", variants: list[str] | None = 
 def cancel_api(request: gr.Request = None) -> bool:  # type: ignore[assignment]
     """Cancel this session's running job (the same browser tab, or the same gradio_client Client).
     Returns whether there was one. The job stops at its next step and removes everything it wrote."""
-    return BOARD.cancel(_session(request))
+    return BOARD.cancel(session_key(request))
 
 
-def _session(request: gr.Request | None) -> str:
+def session_key(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
 
@@ -94,10 +94,10 @@ def start_job(spec: JobSpec, token: str | None, request: gr.Request | None) -> J
         job = Job(spec, token)
     except QuantSpaceError as exc:
         raise readable(exc) from None
-    BOARD.add(_session(request), job)
+    BOARD.add(session_key(request), job)
     return job
 
 
 def finish_job(job: Job, request: gr.Request | None) -> None:
-    BOARD.remove(_session(request), job)
+    BOARD.remove(session_key(request), job)
     job.close()

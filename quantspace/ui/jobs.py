@@ -4,6 +4,7 @@ cancel and cleanup. No Gradio here, so it is testable on its own.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import queue
 import shutil
@@ -80,7 +81,9 @@ class Job:
         self.error: BaseException | None = None
         self._events: queue.Queue[Step | None] = queue.Queue()
         self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="quantspace-job", daemon=True)
+        # The caller's context (Gradio's request) goes with the thread: ZeroGPU reads it to bill the visitor.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name="quantspace-job", daemon=True)
         self._thread.start()
 
     def _tick(self, stage: str, done: int, total: int) -> None:

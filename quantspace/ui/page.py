@@ -202,7 +202,7 @@ def build_demo() -> gr.Blocks:
             name = data[method]
             want_push = data[push] and profile is not None
             pre = preflight(source, name, data[variants_of[name]] or None,
-                            token=api._token("", oauth_token), evaluate=data[evaluate],
+                            token=api.token_for("", oauth_token), evaluate=data[evaluate],
                             target=((data[target] or "").strip() or None) if want_push else None)
             return {pre_md: preflight_markdown(pre), run: gr.update(interactive=pre.ok)}
 
@@ -261,7 +261,7 @@ def build_demo() -> gr.Blocks:
                            private=bool(data[private]), evaluate=bool(data[evaluate]))
             if want_push and not spec.target:
                 raise gr.Error("Enter a target repo (owner/name), or untick 'Push to the Hub'.")
-            yield from _run_job(spec, api._token("", oauth_token), request, progress)
+            yield from _run_job(spec, api.token_for("", oauth_token), request, progress)
 
         def _run_job(spec: JobSpec, token: str | None, request: gr.Request, progress: gr.Progress) -> Iterator[dict]:
             job = api.start_job(spec, token, request)   # refusals (e.g. no token to push) leave the page as is
@@ -305,7 +305,7 @@ def build_demo() -> gr.Blocks:
         cancel.click(api.cancel_api, None, None, api_visibility="private", queue=False)
 
         def on_unload(request: gr.Request) -> None:
-            api.BOARD.cancel(api._session(request))   # closing the tab cancels its job
+            api.BOARD.cancel(api.session_key(request))   # closing the tab cancels its job
 
         demo.unload(on_unload)
 
