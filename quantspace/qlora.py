@@ -41,6 +41,7 @@ def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str],
     """Reload `folder`, wrap it with peft and run `steps` AdamW steps on blocks[1:], measuring the loss on
     blocks[0] before and after. QuantizeError when a loss is not finite or no LoRA weight got a gradient."""
     import torch
+    from bitsandbytes.nn import Linear4bit
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -49,8 +50,15 @@ def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str],
     started = time.perf_counter()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device})
-    compute_dtype = _cpu_float32(model) if device == "cpu" else str(model.config.quantization_config
-                                                                     .bnb_4bit_compute_dtype).replace("torch.", "")
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if device == "cpu":
+        # Most CPUs have no fast bf16/fp16 matmul (bitsandbytes' CPU backend emulates it, about 10x slower in
+        # the backward pass), so on the CPU the check computes in float32; the stored 4-bit weights are the same.
+        for layer in layers:
+            layer.compute_dtype = torch.float32
+    if not layers:
+        raise QuantizeError(f"{folder} reloaded without any 4-bit layer; the checkpoint is not a bitsandbytes 4-bit one.")
+    compute_dtype = str(layers[0].compute_dtype).removeprefix("torch.")
     config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules=list(target_modules),
                         task_type="CAUSAL_LM")
     with warnings.catch_warnings():
@@ -88,18 +96,6 @@ def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str],
         lora_tensors=len(lora), lora_tensors_with_gradient=len(with_gradient),
         compute_dtype=compute_dtype, device=device, seconds=round(time.perf_counter() - started, 2),
     ).to_dict()
-
-
-def _cpu_float32(model: Any) -> str:
-    """Most CPUs have no fast bf16/fp16 matmul (bitsandbytes' CPU backend would emulate it, about 10x slower
-    in the backward pass), so on the CPU the check computes in float32. The stored 4-bit weights are the same."""
-    import torch
-    from bitsandbytes.nn import Linear4bit
-
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            module.compute_dtype = torch.float32
-    return "float32"
 
 
 def _held_loss(model: Any, held: Any) -> float:

@@ -211,3 +211,44 @@ def test_unknown_option_and_unknown_module_are_refused(tiny_bpe, tmp_path):
         quantize(str(tiny_bpe), method="nf4", out=tmp_path / "b", no_eval=True,
                  options={"skip_modules": "lm_head, mlp.gate"})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_gpu_stages_cross_a_process_boundary(tiny_qwen2, tmp_path):
+    """On a ZeroGPU Space each GPU stage runs in another process: its function, arguments and result must
+    pickle. A runner that round-trips all three through pickle gives the same checkpoint and numbers."""
+    import pickle
+
+    from quantspace import quantize
+
+    called = []
+
+    def pickling_runner(fn, *args):
+        called.append(fn.__name__)
+        fn, args = pickle.loads(pickle.dumps((fn, args)))
+        return pickle.loads(pickle.dumps(fn(*args)))
+
+    opts = {"qlora_steps": 2, "qlora_seqlen": 32}
+    direct = quantize(str(tiny_qwen2), method="nf4", out=tmp_path / "a", ctx=64, max_chunks=2, options=opts)
+    crossed = quantize(str(tiny_qwen2), method="nf4", out=tmp_path / "b", ctx=64, max_chunks=2, options=opts,
+                       run_gpu=pickling_runner)
+    assert called == ["quantize_folder", "qlora_check", "evaluate_folder"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert crossed.files[0].metrics == direct.files[0].metrics
+    a, b = direct.files[0].details["qlora"], crossed.files[0].details["qlora"]
+    assert (a["loss_before"], a["loss_after"]) == (b["loss_before"], b["loss_after"])
+
+
+def test_qlora_check_fails_loudly_when_training_diverges(tiny_bpe, tmp_path, monkeypatch):
+    """A check whose loss stops being finite is an error, not a number on the card."""
+    from quantspace import qlora
+    from quantspace.errors import QuantizeError
+    from quantspace.formats.nf4 import OPTIONS, bnb_config, quantize_folder
+
+    folder = tmp_path / "nf4"
+    quantize_folder(str(tiny_bpe), str(folder), bnb_config("NF4", {o.name: o.default for o in OPTIONS}), "cpu")
+    blocks = [[i % 500 + 4 for i in range(s, s + 32)] for s in range(0, 128, 32)]
+    ok = qlora.qlora_check(str(folder), blocks, ["q_proj", "down_proj"], 2, "cpu")
+    assert ok["lora_tensors"] == 2 * 2 * 2 and ok["trainable_parameters"] == 8 * 2 * ((256 + 256) + (512 + 256))
+    monkeypatch.setattr(qlora, "LEARNING_RATE", 1e30)
+    with pytest.raises(QuantizeError, match="loss on .* is (nan|inf)"):
+        qlora.qlora_check(str(folder), blocks, ["q_proj", "down_proj"], 2, "cpu")

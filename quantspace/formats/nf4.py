@@ -222,10 +222,10 @@ class NF4:
                 f"compute dtype `{d['compute_dtype']}`, unquantized modules: "
                 f"{', '.join(f'`{m}`' for m in d['skip_modules']) or 'none'}; {d['quantized_layers']} linear "
                 f"layers are 4-bit ({_versions_line(d['versions'])}).",
-                "",
-                "Accuracy above: the saved checkpoint loaded with transformers + bitsandbytes (computing in "
-                f"`{d['compute_dtype']}`), scored on the same token ids as the source.",
             ]
+            if report.evaluation is not None:
+                parts += ["", "Accuracy above: the saved checkpoint loaded with transformers + bitsandbytes "
+                          f"(computing in `{d['compute_dtype']}`), scored on the same token ids as the source."]
         q = d.get("qlora")
         if q:
             parts += [
