@@ -252,3 +252,10 @@ def test_qlora_check_fails_loudly_when_training_diverges(tiny_bpe, tmp_path, mon
     monkeypatch.setattr(qlora, "LEARNING_RATE", 1e30)
     with pytest.raises(QuantizeError, match="loss on .* is (nan|inf)"):
         qlora.qlora_check(str(folder), blocks, ["q_proj", "down_proj"], 2, "cpu")
+
+
+def test_estimate_lists_each_variant(tiny_bpe, capsys):
+    code, out, err = run_cli(["estimate", str(tiny_bpe), "--method", "nf4", "--json"], capsys)
+    assert code == 0, err
+    sizes = json.loads(out)["sizes"]
+    assert set(sizes) == {"NF4", "FP4"} and 0 < sizes["NF4"] < (tiny_bpe / "model.safetensors").stat().st_size
