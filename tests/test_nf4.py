@@ -164,20 +164,32 @@ def test_smollm2_push_accuracy_and_qlora_check(hub, smollm2, tmp_path, capsys, m
     assert "--method nf4 --variants NF4 --qlora-steps 2 --qlora-seqlen 32" in report.command
 
 
-def test_failed_qlora_check_leaves_nothing_behind(hub, tiny_bpe, tmp_path, monkeypatch):
-    """A calibration dataset too short for the check fails the run after quantizing; the output folder keeps
-    only what was there before."""
-    from quantspace import quantize
-    from quantspace.errors import CalibrationError
+def test_failed_qlora_check_leaves_nothing_behind(tiny_bpe, tmp_path, monkeypatch):
+    """A QLoRA check that diverges fails the run after quantizing; the output folder keeps only what was there."""
+    from quantspace import qlora, quantize
+    from quantspace.errors import QuantizeError
 
-    hub.create_repo("alice/short", repo_type="dataset")
-    hub.put_file("alice/short", "calib.txt", b"Too short.", repo_type="dataset")
+    monkeypatch.setattr(qlora, "LEARNING_RATE", 1e30)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(CalibrationError, match="fewer than one sample"):
-        quantize(str(tiny_bpe), method="nf4", out=out, no_eval=True, options={"calib_dataset": "alice/short"})
+    with pytest.raises(QuantizeError, match="QLoRA check's loss"):
+        quantize(str(tiny_bpe), method="nf4", out=out, no_eval=True, options={"qlora_steps": 2, "qlora_seqlen": 32})
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_short_calibration_dataset_fails_before_quantizing(hub, tiny_bpe, tmp_path, monkeypatch):
+    from quantspace import quantize
+    from quantspace.errors import CalibrationError
+    from quantspace.formats import nf4
+
+    hub.create_repo("alice/short", repo_type="dataset")
+    hub.put_file("alice/short", "calib.txt", b"Too short.", repo_type="dataset")
+    monkeypatch.setattr(nf4, "quantize_folder", lambda *a: pytest.fail("quantized before reading calibration"))
+    with pytest.raises(CalibrationError, match="fewer than one sample"):
+        quantize(str(tiny_bpe), method="nf4", out=tmp_path / "out", no_eval=True,
+                 options={"calib_dataset": "alice/short"})
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..archs import ARCHITECTURES
+from ..archs import ARCHITECTURES, arch_of
 from ..errors import BadOptionError, QuantizeError
 from ..qlora import LORA_RANK, qlora_check
 from ..report import format_size
@@ -125,6 +125,8 @@ class NF4:
         opts = ctx.options
         config = bnb_config(variant, opts)
         _check_skip_modules(model_dir, config["llm_int8_skip_modules"])
+        # The calibration text is read before quantizing, so a bad dataset fails before the long work.
+        calibration = _qlora_blocks(model_dir, opts) if opts["qlora_check"] else None
         # Everything is written to a scratch folder first; only a finished, checked checkpoint reaches out_dir.
         staging = Path(tempfile.mkdtemp(prefix="nf4-", dir=ctx.workdir))
         tick = ctx.stage(f"quantize {variant}")
@@ -141,25 +143,14 @@ class NF4:
             "source_file_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
             "versions": _versions(),
         }
-        if opts["qlora_check"]:
-            details["qlora"] = self._qlora(model_dir, staging, ctx)
+        if calibration is not None:
+            source, blocks = calibration
+            tick = ctx.stage("QLoRA check")
+            targets = list(arch_of(_config(model_dir))[1].lora_targets)
+            result = ctx.run_gpu(qlora_check, str(staging), blocks, targets, int(opts["qlora_steps"]), ctx.device)
+            details["qlora"] = {**result, "calibration": source}
+            tick(1, 1)
         return [_move_into(staging, out_dir, variant, details)]
-
-    def _qlora(self, model_dir: Path, staging: Path, ctx: Context) -> dict[str, Any]:
-        from transformers import AutoTokenizer
-
-        from ..archs import arch_of
-        from ..calib import calibration_samples, load_calibration_text
-
-        tick = ctx.stage("QLoRA check")
-        steps = int(ctx.options["qlora_steps"])
-        calib = load_calibration_text(ctx.options["calib_dataset"] or None)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        blocks = calibration_samples(tokenizer, calib, steps + 1, int(ctx.options["qlora_seqlen"]))
-        targets = list(arch_of(_config(model_dir))[1].lora_targets)
-        result = ctx.run_gpu(qlora_check, str(staging), blocks, targets, steps, ctx.device)
-        tick(1, 1)
-        return {**result, "calibration": calib.source}
 
     def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
         folder = str(output.path.parent)
@@ -266,6 +257,17 @@ def _importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def _qlora_blocks(model_dir: Path, opts: dict[str, Any]) -> tuple[str, list[list[int]]]:
+    """(calibration source, token blocks): one held-out block and one per training step."""
+    from transformers import AutoTokenizer
+
+    from ..calib import calibration_samples, load_calibration_text
+
+    calib = load_calibration_text(opts["calib_dataset"] or None)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return calib.source, calibration_samples(tokenizer, calib, int(opts["qlora_steps"]) + 1, int(opts["qlora_seqlen"]))
 
 
 def _config(model_dir: Path) -> dict[str, Any]:
