@@ -10,6 +10,9 @@ import gguf
 from .errors import UnsupportedArchitectureError
 
 
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     gguf_arch: gguf.MODEL_ARCH
@@ -17,6 +20,8 @@ class ArchSpec:
     permute_qk: bool
     # Tensors in HF checkpoints that llama.cpp recomputes itself.
     skip_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    # Every linear projection of a decoder layer: the LoRA target modules of a QLoRA fine-tune.
+    lora_targets: tuple[str, ...] = LLAMA_PROJECTIONS
 
     @property
     def gguf_name(self) -> str:

@@ -1,0 +1,329 @@
+"""NF4 / FP4: a bitsandbytes 4-bit transformers checkpoint, proven to fine-tune with QLoRA before it ships.
+
+The checkpoint is a folder at the repo root (config.json with its quantization_config, safetensors, the
+source's tokenizer and generation config). Quantizing, evaluating and the QLoRA check are top-level functions
+with plain arguments, run through `ctx.run_gpu` so a ZeroGPU Space can give them a GPU window.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..archs import ARCHITECTURES, arch_of
+from ..errors import BadOptionError, QuantizeError
+from ..qlora import LORA_RANK, qlora_check
+from ..report import format_size
+from ..vocab import TOKENIZER_FILES
+from . import Context, Option, Output, TensorStats, Tick, run_directly
+
+if TYPE_CHECKING:
+    from ..evaluate import Metrics, Reference
+    from ..report import Report
+
+VARIANTS = {"NF4": "nf4", "FP4": "fp4"}    # variant → bnb_4bit_quant_type
+BLOCK = 64                                  # bitsandbytes' 4-bit block size (one absmax per block)
+
+OPTIONS = (
+    Option("double_quant", True, "quantize the 4-bit blocks' scales again (saves about 0.4 bits per weight)"),
+    Option("compute_dtype", "bfloat16", "dtype the 4-bit layers compute in", choices=("bfloat16", "float16")),
+    Option("skip_modules", "lm_head", "comma-separated module names that stay unquantized (empty: none)"),
+    Option("qlora_check", True, "prove the checkpoint fine-tunes: reload it, add LoRA adapters, train a few steps"),
+    Option("qlora_steps", 8, "optimizer steps of the QLoRA check", minimum=1),
+    Option("qlora_seqlen", 128, "tokens per calibration block of the QLoRA check", minimum=16),
+    Option("calib_dataset", "", "calibration text: a Hub dataset id[:file], or empty for the shipped text"),
+)
+
+
+def skip_list(value: str) -> list[str]:
+    """The module names of the skip_modules option (an empty option quantizes every linear layer)."""
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+def bnb_config(variant: str, options: dict[str, Any]) -> dict[str, Any]:
+    """BitsAndBytesConfig arguments, plain data so they can cross into a GPU window."""
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": VARIANTS[variant],
+        "bnb_4bit_use_double_quant": bool(options["double_quant"]),
+        "bnb_4bit_compute_dtype": options["compute_dtype"],
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": skip_list(options["skip_modules"]),
+    }
+
+
+def quantize_folder(model_dir: str, out: str, config: dict[str, Any], device: str) -> dict[str, Any]:
+    """Load `model_dir` quantized on `device`, save it to `out`; returns facts about the loaded model."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = getattr(torch, config["bnb_4bit_compute_dtype"])
+    # Unquantized parts (embeddings, norms, skipped modules) are stored in the compute dtype too.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**config),
+                                                 dtype=dtype, device_map={"": device})
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        raise QuantizeError(f"bitsandbytes quantized no layer of {Path(model_dir).name}; nothing would be 4-bit.")
+    model.save_pretrained(out, safe_serialization=True)
+    return {"memory_footprint_bytes": int(model.get_memory_footprint()), "quantized_layers": len(layers)}
+
+
+def evaluate_folder(folder: str, ref: "Reference", device: str, progress: Tick | None = None) -> "Metrics":
+    """Load the saved checkpoint as a user would (transformers + bitsandbytes) and score it."""
+    from transformers import AutoModelForCausalLM
+
+    from ..evaluate import evaluate_torch_model
+
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device})
+    return evaluate_torch_model(model, ref, progress)
+
+
+class NF4:
+    name = "nf4"
+    library_name = "transformers"
+    # The Hub's usual name for bitsandbytes 4-bit checkpoints (e.g. unsloth's `<model>-bnb-4bit` repos).
+    suffix = "bnb-4bit"
+    variants = tuple(VARIANTS)
+    default_variants = ("NF4",)
+    options = OPTIONS
+    needs_gpu = False     # bitsandbytes has a CPU backend
+
+    def unavailable(self) -> str | None:
+        missing = [pkg for pkg in ("bitsandbytes", "peft") if not _importable(pkg)]
+        if missing:
+            return f"{' and '.join(missing)} not installed (pip install {' '.join(missing)})."
+        return None
+
+    def check_variants(self, variants: list[str]) -> list[str]:
+        chosen: list[str] = []
+        for v in variants:
+            key = v.strip().upper()
+            if key not in VARIANTS:
+                raise BadOptionError(f"Unknown NF4 variant '{v.strip()}'. Choose one of: {', '.join(VARIANTS)}.")
+            if key not in chosen:
+                chosen.append(key)
+        if len(chosen) != 1:
+            raise BadOptionError(f"The {self.name} method makes one checkpoint per run (a folder at the repo root); "
+                                 f"pick one of {', '.join(VARIANTS)}, got {len(chosen) or 'none'}.")
+        return chosen
+
+    def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
+        # 4 bits per quantized weight + one 8-bit absmax per block (double quant, the default); embeddings,
+        # lm_head and 1-D tensors stay 16-bit.
+        four_bit = sum(n for name, n in stats.matrix_params.items() if not _stays_16bit(name))
+        sixteen = stats.total - four_bit
+        size = int(four_bit * (4 + 8 / BLOCK) / 8 + 2 * sixteen)
+        return {v: size for v in variants}
+
+    def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
+        variant = variants[0]
+        opts = ctx.options
+        config = bnb_config(variant, opts)
+        _check_skip_modules(model_dir, config["llm_int8_skip_modules"])
+        # The calibration text is read before quantizing, so a bad dataset fails before the long work.
+        calibration = _qlora_blocks(model_dir, opts) if opts["qlora_check"] else None
+        # Everything is written to a scratch folder first; only a finished, checked checkpoint reaches out_dir.
+        staging = Path(tempfile.mkdtemp(prefix="nf4-", dir=ctx.workdir))
+        tick = ctx.stage(f"quantize {variant}")
+        facts = ctx.run_gpu(quantize_folder, str(model_dir), str(staging), config, ctx.device)
+        tick(1, 1)
+        _copy_source_files(model_dir, staging)
+        details: dict[str, Any] = {
+            "quant_type": config["bnb_4bit_quant_type"],
+            "double_quant": config["bnb_4bit_use_double_quant"],
+            "compute_dtype": config["bnb_4bit_compute_dtype"],
+            "skip_modules": config["llm_int8_skip_modules"],
+            **facts,
+            "source_memory_footprint_bytes": _source_footprint(model_dir),
+            "source_file_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
+            "versions": _versions(),
+        }
+        if calibration is not None:
+            source, blocks = calibration
+            tick = ctx.stage("QLoRA check")
+            targets = list(arch_of(_config(model_dir))[1].lora_targets)
+            result = ctx.run_gpu(qlora_check, str(staging), blocks, targets, int(opts["qlora_steps"]), ctx.device)
+            details["qlora"] = {**result, "calibration": source}
+            tick(1, 1)
+        return [_move_into(staging, out_dir, variant, details)]
+
+    def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
+        folder = str(output.path.parent)
+        # A progress callback cannot cross into a GPU window; it only goes along when run here.
+        progress = tick if ctx.run_gpu is run_directly else None
+        return ctx.run_gpu(evaluate_folder, folder, ref, ctx.device, progress)
+
+    def tags(self, variants: list[str]) -> list[str]:
+        return ["bitsandbytes", "4-bit", *[v.lower() for v in variants], "qlora", "quantized"]
+
+    def usage(self, repo_id: str | None, report: "Report") -> str:
+        where = f'"{repo_id}"' if repo_id else '"."  # the folder this card is in'
+        targets = lora_targets(report)
+        return "\n".join([
+            "Needs `transformers`, `accelerate` and `bitsandbytes` (CUDA, or bitsandbytes' CPU backend); "
+            "the quantization settings are read from `config.json`.",
+            "",
+            "### Inference",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f"model_id = {where}",
+            'model = AutoModelForCausalLM.from_pretrained(model_id, device_map="auto")',
+            "tokenizer = AutoTokenizer.from_pretrained(model_id)",
+            'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)',
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
+            "```",
+            "",
+            "### QLoRA fine-tuning (peft)",
+            "```python",
+            "from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f"model_id = {where}",
+            'model = AutoModelForCausalLM.from_pretrained(model_id, device_map="auto")',
+            "model = prepare_model_for_kbit_training(model)",
+            "lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type=\"CAUSAL_LM\",",
+            f"                  target_modules={json.dumps(targets)})",
+            "model = get_peft_model(model, lora)",
+            "model.print_trainable_parameters()",
+            "# then train as usual, e.g. with transformers' Trainer or trl's SFTTrainer",
+            "```",
+        ])
+
+    def card_notes(self, report: "Report") -> str:
+        d = report.files[0].details or {}
+        parts = []
+        if "memory_footprint_bytes" in d:
+            src, quant = d["source_memory_footprint_bytes"], d["memory_footprint_bytes"]
+            parts += [
+                "## Size and memory",
+                "",
+                "| | Files | In memory (loaded) |",
+                "|---|---:|---:|",
+                f"| source | {format_size(d['source_file_bytes'])} | {format_size(src)} |",
+                f"| {report.files[0].variant} | {format_size(report.files[0].size_bytes)} | {format_size(quant)} "
+                f"({100 * quant / max(1, src):.1f}% of the source) |",
+                "",
+                f"Settings: `{d['quant_type']}`, double quantization {'on' if d['double_quant'] else 'off'}, "
+                f"compute dtype `{d['compute_dtype']}`, unquantized modules: "
+                f"{', '.join(f'`{m}`' for m in d['skip_modules']) or 'none'}; {d['quantized_layers']} linear "
+                f"layers are 4-bit ({_versions_line(d['versions'])}).",
+            ]
+            if report.evaluation is not None:
+                parts += ["", "Accuracy above: the saved checkpoint loaded with transformers + bitsandbytes "
+                          f"(computing in `{d['compute_dtype']}`), scored on the same token ids as the source."]
+        q = d.get("qlora")
+        if q:
+            parts += [
+                "",
+                "## QLoRA check",
+                "",
+                f"After quantizing, QuantSpace reloaded the saved checkpoint, wrapped it with peft "
+                f"(`prepare_model_for_kbit_training` + LoRA r={LORA_RANK} on {', '.join(f'`{t}`' for t in q['target_modules'])}) "
+                f"and ran {q['steps']} AdamW steps on {q['seqlen']}-token blocks of calibration text "
+                f"({q['calibration']}), on {q['device']} with the 4-bit layers computing in `{q['compute_dtype']}`.",
+                "",
+                "| Trainable (LoRA) parameters | Total parameters | Loss before | Loss after | Seconds |",
+                "|---:|---:|---:|---:|---:|",
+                f"| {q['trainable_parameters']:,} ({100 * q['trainable_parameters'] / max(1, q['total_parameters']):.2f}%) "
+                f"| {q['total_parameters']:,} | {q['loss_before']:.4f} | {q['loss_after']:.4f} | {q['seconds']:.1f} |",
+                "",
+                f"Both losses are on the same held-out block, which the steps never trained on; "
+                f"{q['lora_tensors_with_gradient']} of {q['lora_tensors']} LoRA weight tensors received non-zero "
+                "gradients.",
+            ]
+        elif d:
+            parts += ["", "## QLoRA check", "", "Not run for this upload (`--qlora-check false`)."]
+        return "\n".join(parts)
+
+
+def lora_targets(report: "Report") -> list[str]:
+    q = (report.files[0].details or {}).get("qlora") if report.files else None
+    if q:
+        return list(q["target_modules"])
+    return list(ARCHITECTURES[report.architecture].lora_targets)
+
+
+def _stays_16bit(tensor: str) -> bool:
+    return "embed_tokens" in tensor or tensor.endswith("lm_head.weight") or not tensor.endswith(".weight")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _qlora_blocks(model_dir: Path, opts: dict[str, Any]) -> tuple[str, list[list[int]]]:
+    """(calibration source, token blocks): one held-out block and one per training step."""
+    from transformers import AutoTokenizer
+
+    from ..calib import calibration_samples, load_calibration_text
+
+    calib = load_calibration_text(opts["calib_dataset"] or None)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return calib.source, calibration_samples(tokenizer, calib, int(opts["qlora_steps"]) + 1, int(opts["qlora_seqlen"]))
+
+
+def _config(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+
+
+def _check_skip_modules(model_dir: Path, names: list[str]) -> None:
+    """Each skipped name must match a layer of this model (as transformers matches it: a prefix of the full
+    name, a regex, or its end), or the user's intent would silently do nothing."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from ..weights import all_entries
+
+    layers = {e.name.rsplit(".", 1)[0] for e in all_entries(model_dir) if len(e.shape) == 2}
+    if _config(model_dir).get("tie_word_embeddings"):
+        layers.add("lm_head")     # tied: no tensor of its own, but a layer all the same
+    try:
+        unknown = [n for n in names if all(should_convert_module(layer, [n]) for layer in layers)]
+    except re.error as exc:
+        raise BadOptionError(f"skip_modules has a malformed pattern ({exc}); use plain names like lm_head.") from None
+    if unknown:
+        raise BadOptionError(f"skip_modules names no layer of this model: {', '.join(unknown)} "
+                             "(use names like lm_head, down_proj or model.layers.0.mlp).")
+
+
+def _copy_source_files(model_dir: Path, staging: Path) -> None:
+    """The tokenizer and the generation config exactly as the source has them; no generation config when the
+    source has none (transformers writes a default one)."""
+    (staging / "generation_config.json").unlink(missing_ok=True)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, staging / name)
+
+
+def _source_footprint(model_dir: Path) -> int:
+    """Bytes the source's tensors take in memory in their stored dtype (what transformers loads by default)."""
+    from ..weights import all_entries
+
+    return sum(e.nbytes for e in all_entries(model_dir))
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    return {pkg: importlib.metadata.version(pkg) for pkg in ("bitsandbytes", "peft", "accelerate")}
+
+
+def _versions_line(versions: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
+def _move_into(staging: Path, out_dir: Path, variant: str, details: dict[str, Any]) -> Output:
+    """Move the finished checkpoint into out_dir; weights first in the Output so `path` is the main file."""
+    files = sorted(p for p in staging.iterdir() if p.is_file())
+    moved = [Path(shutil.move(p, out_dir / p.name)) for p in files]
+    weights = tuple(p for p in moved if p.suffix == ".safetensors")
+    extra = tuple(p for p in moved if p.suffix != ".safetensors")
+    shutil.rmtree(staging, ignore_errors=True)
+    return Output(variant, weights, extra, details)

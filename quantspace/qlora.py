@@ -1,0 +1,114 @@
+"""The QLoRA proof: a saved 4-bit folder reloads, takes LoRA adapters and trains for a few steps.
+
+`qlora_check` is a top-level function with plain arguments, so a ZeroGPU Space can run it in a GPU window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import QuantizeError
+
+LEARNING_RATE = 1e-3     # large enough that a few steps move the held-out loss
+LORA_RANK = 8
+
+
+@dataclass(frozen=True)
+class QLoRAResult:
+    trainable_parameters: int   # LoRA parameters
+    total_parameters: int       # all parameters of the wrapped model (4-bit ones counted as stored)
+    steps: int
+    seqlen: int
+    loss_before: float          # on the held-out block, before the first step
+    loss_after: float           # on the same block, after the last step
+    target_modules: list[str]
+    lora_tensors: int           # LoRA weight tensors (an A and a B per adapted layer)...
+    lora_tensors_with_gradient: int   # ...of which this many received a non-zero gradient
+    compute_dtype: str          # what the 4-bit layers computed in during the check
+    device: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str], steps: int,
+                device: str) -> dict[str, Any]:
+    """Reload `folder`, wrap it with peft and run `steps` AdamW steps on blocks[1:], measuring the loss on
+    blocks[0] before and after. QuantizeError when a loss is not finite or no LoRA weight got a gradient."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    if len(blocks) < 2:
+        raise QuantizeError("The QLoRA check needs at least two calibration blocks; give a longer calibration text.")
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device})
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if device == "cpu":
+        # Most CPUs have no fast bf16/fp16 matmul (bitsandbytes' CPU backend emulates it, about 10x slower in
+        # the backward pass), so on the CPU the check computes in float32; the stored 4-bit weights are the same.
+        for layer in layers:
+            layer.compute_dtype = torch.float32
+    if not layers:
+        raise QuantizeError(f"{folder} reloaded without any 4-bit layer; the checkpoint is not a bitsandbytes 4-bit one.")
+    compute_dtype = str(layers[0].compute_dtype).removeprefix("torch.")
+    config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules=list(target_modules),
+                        task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # peft calls a transformers API deprecated for v6
+        # Gradient checkpointing only saves memory; the few steps here do not need it.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    if not lora:
+        raise QuantizeError(f"peft found none of {', '.join(target_modules)} in {folder}; no LoRA adapter was made.")
+    data = torch.tensor(blocks, dtype=torch.long, device=device)
+    held, train = data[:1], data[1:]
+    optimizer = torch.optim.AdamW(lora, lr=LEARNING_RATE)
+
+    loss_before = _held_loss(model, held)
+    model.train()
+    with_gradient: set[int] = set()
+    for step in range(steps):
+        batch = train[step % len(train)].unsqueeze(0)
+        loss = model(input_ids=batch, labels=batch).loss
+        _require_finite(loss.item(), f"training step {step + 1}")
+        loss.backward()
+        # LoRA's B starts at zero, so A's gradient is zero on the first step; count over all steps.
+        with_gradient |= {i for i, p in enumerate(lora) if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if not with_gradient:
+        raise QuantizeError("No LoRA weight received a gradient during the QLoRA check; the 4-bit model does "
+                            "not train as saved.")
+    loss_after = _held_loss(model, held)
+    return QLoRAResult(
+        trainable_parameters=int(trainable), total_parameters=int(total), steps=steps, seqlen=len(blocks[0]),
+        loss_before=loss_before, loss_after=loss_after, target_modules=list(target_modules),
+        lora_tensors=len(lora), lora_tensors_with_gradient=len(with_gradient),
+        compute_dtype=compute_dtype, device=device, seconds=round(time.perf_counter() - started, 2),
+    ).to_dict()
+
+
+def _held_loss(model: Any, held: Any) -> float:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        loss = float(model(input_ids=held, labels=held).loss.item())
+    _require_finite(loss, "the held-out block")
+    return loss
+
+
+def _require_finite(loss: float, where: str) -> None:
+    if not math.isfinite(loss):
+        raise QuantizeError(f"The QLoRA check's loss on {where} is {loss}; the 4-bit model does not train "
+                            "as saved (try compute_dtype bfloat16, or keep more modules unquantized).")
