@@ -73,7 +73,7 @@ def build_card(report: Report, fmt: "Format") -> ModelCard:
     body = f"""
 # {report.name}
 
-{fmt.name.upper()} quantizations of {source_line}{revision} ({report.architecture}, \
+{fmt.title} quantization{"s" if len(report.files) > 1 else ""} of {source_line}{revision} ({report.architecture}, \
 {report.parameters / 1e6:.1f}M parameters), with the accuracy each file keeps, measured.
 
 ## Files and accuracy

@@ -130,12 +130,12 @@ class EvalSettings:
         return self.ctx - 1 - self.ctx // 2
 
 
-def method_line(settings: EvalSettings) -> str:
+def method_line(settings: EvalSettings, runtime: str = "GGUF (llama.cpp)") -> str:
     """One line saying how the numbers were computed, for the report and card."""
     return (
         f"llama-perplexity method: {settings.ctx}-token chunks (at most {settings.max_chunks}), "
         f"BOS-first when the tokenizer adds BOS, second half of each chunk scored; "
-        f"same token ids for source (transformers fp32) and GGUF (llama.cpp); KLD(source||quant) in nats."
+        f"same token ids for source (transformers fp32) and {runtime}; KLD(source||quant) in nats."
     )
 
 

@@ -140,7 +140,8 @@ def quantize(
     try:
         with tempfile.TemporaryDirectory(prefix="quantspace-") as work:
             model_dir = _fetch(info, token, Path(work), stages)
-            job = Context(stage=stages, options=opts, device=device, run_gpu=run_gpu, workdir=Path(work))
+            job = Context(stage=stages, options=opts, device=device, run_gpu=run_gpu, workdir=Path(work),
+                          token=token)
             outputs = fmt.produce(model_dir, out_dir, info.name, chosen, job)
             written += [p for o in outputs for p in o.files]
             n_params = parameter_count(model_dir)
@@ -169,7 +170,7 @@ def quantize(
             assert token is not None
             tick = stages("upload")
             push_folder(out_dir, [p.name for p in written], push, token, private,
-                        f"Add {', '.join(chosen)} {fmt.name.upper()} of {report.source} (QuantSpace)")
+                        f"Add {', '.join(chosen)} {fmt.title} of {report.source} (QuantSpace)")
             tick(1, 1)  # the upload's own time is not in the report: the pushed report is the local one
     except BaseException:
         # Nothing half-written: a failed run removes every file it added to the output folder.
@@ -215,7 +216,7 @@ def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Repor
             result.metrics = metrics.to_dict()
         report.evaluation = EvalInfo(
             text_source=text.source, n_tokens=ref.metrics.n_tokens, ctx=settings.ctx, chunks=len(chunks),
-            method=method_line(settings),
+            method=method_line(settings, fmt.eval_runtime),
         )
     finally:
         ref.close()

@@ -80,12 +80,15 @@ class Context:
     device: str = "cpu"              # "cpu" or "cuda" (resolved from "auto" by the pipeline)
     run_gpu: GpuRunner = run_directly
     workdir: Path | None = None      # scratch space that is removed after the run
+    token: str | None = None         # the user's Hub token (a calibration dataset may be private)
 
 
 class Format(Protocol):
     name: str                      # CLI value of --method
     library_name: str              # model card metadata
     suffix: str                    # default repo suffix, e.g. "GGUF"
+    title: str                     # for people: card heading and commit message, e.g. "GGUF"
+    eval_runtime: str              # what runs the outputs when they are measured, e.g. "llama.cpp"
     variants: tuple[str, ...]          # every variant it can make
     default_variants: tuple[str, ...]
     options: tuple[Option, ...]        # format-specific options (may be empty)

@@ -100,6 +100,8 @@ class GGUF:
     name = "gguf"
     library_name = "gguf"
     suffix = "GGUF"
+    title = "GGUF"
+    eval_runtime = "GGUF (llama.cpp)"
     variants = tuple(VARIANTS)
     default_variants = ("Q4_K_M", "Q8_0")
     options: tuple[Option, ...] = ()

@@ -88,6 +88,8 @@ class NF4:
     library_name = "transformers"
     # The Hub's usual name for bitsandbytes 4-bit checkpoints (e.g. unsloth's `<model>-bnb-4bit` repos).
     suffix = "bnb-4bit"
+    title = "bitsandbytes 4-bit"
+    eval_runtime = "the saved checkpoint (transformers + bitsandbytes)"
     variants = tuple(VARIANTS)
     default_variants = ("NF4",)
     options = OPTIONS
@@ -126,7 +128,7 @@ class NF4:
         config = bnb_config(variant, opts)
         _check_skip_modules(model_dir, config["llm_int8_skip_modules"])
         # The calibration text is read before quantizing, so a bad dataset fails before the long work.
-        calibration = _qlora_blocks(model_dir, opts) if opts["qlora_check"] else None
+        calibration = _qlora_blocks(model_dir, opts, ctx.token) if opts["qlora_check"] else None
         # Everything is written to a scratch folder first; only a finished, checked checkpoint reaches out_dir.
         staging = Path(tempfile.mkdtemp(prefix="nf4-", dir=ctx.workdir))
         tick = ctx.stage(f"quantize {variant}")
@@ -259,13 +261,13 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _qlora_blocks(model_dir: Path, opts: dict[str, Any]) -> tuple[str, list[list[int]]]:
+def _qlora_blocks(model_dir: Path, opts: dict[str, Any], token: str | None) -> tuple[str, list[list[int]]]:
     """(calibration source, token blocks): one held-out block and one per training step."""
     from transformers import AutoTokenizer
 
     from ..calib import calibration_samples, load_calibration_text
 
-    calib = load_calibration_text(opts["calib_dataset"] or None)
+    calib = load_calibration_text(opts["calib_dataset"] or None, token=token)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return calib.source, calibration_samples(tokenizer, calib, int(opts["qlora_steps"]) + 1, int(opts["qlora_seqlen"]))
 
