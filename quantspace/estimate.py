@@ -48,7 +48,8 @@ def tensor_shapes(info: SourceInfo, token: str | None) -> dict[str, tuple[int, .
 def estimate(source: str, method: str = "gguf", variants: list[str] | None = None, token: str | None = None,
              info: SourceInfo | None = None) -> Estimate:
     fmt = get_format(method)
-    chosen = fmt.check_variants(variants or list(fmt.variants))
+    # Every variant when none are named (a format may refuse several per run, e.g. AWQ).
+    chosen = fmt.check_variants(variants) if variants else list(fmt.variants)
     info = info or resolve(source, token=token)
     stats = _stats_from_shapes(tensor_shapes(info, token))
     return Estimate(info.display, info.architecture, stats.total, info.weight_bytes, fmt.estimate(stats, chosen))

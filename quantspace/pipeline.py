@@ -213,6 +213,7 @@ def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Repor
         for output, result in zip(outputs, report.files):
             metrics = fmt.evaluate(output, ref, job, stages(f"evaluate {output.variant}"))
             result.metrics = metrics.to_dict()
+            result.details = dict(output.details) or None   # evaluate may add facts (e.g. a baseline's metrics)
         report.evaluation = EvalInfo(
             text_source=text.source, n_tokens=ref.metrics.n_tokens, ctx=settings.ctx, chunks=len(chunks),
             method=method_line(settings),

@@ -118,6 +118,7 @@ class Format(Protocol):
 # name → "module:object". A new format is one module and one line here.
 REGISTRY: dict[str, str] = {
     "gguf": "quantspace.formats.gguf:GGUF",
+    "awq": "quantspace.formats.awq:AWQ",
 }
 
 
