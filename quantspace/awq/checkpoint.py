@@ -44,6 +44,7 @@ def write_checkpoint(model_dir: Path, state_dir: Path, out_dir: Path,
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     config = load_config(model_dir)
     spec = spec_for(config)
     settings = load_settings(state_dir)
@@ -136,7 +137,6 @@ def _plain_model(config: dict[str, Any]) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("quantization_config",)})
-    cfg.torch_dtype = torch.float32
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
