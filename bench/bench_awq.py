@@ -83,6 +83,26 @@ def run_ours(model_dir: Path, work: Path, tokens: list[list[int]], group: int, d
     return result
 
 
+def quality(model_dir: Path, ckpt: Path, group: int, device: str, ids: torch.Tensor) -> dict[str, float]:
+    """Mean KL divergence from the source's next-token distribution: our checkpoint vs plain RTN int4."""
+    from transformers import AutoModelForCausalLM
+
+    from quantspace.awq.checkpoint import dequantized_model, rtn_model
+
+    def logprobs(model: Any) -> torch.Tensor:
+        with torch.no_grad():
+            out = model.to(device)(ids.to(device)).logits.float().log_softmax(-1)
+        model.to("meta")
+        return out
+
+    ref = logprobs(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    result = {}
+    for name, model in (("awq", lambda: dequantized_model(ckpt)), ("rtn", lambda: rtn_model(model_dir, group))):
+        lp = logprobs(model())
+        result[f"kld_{name}"] = round(float((ref.exp() * (ref - lp)).sum(-1).mean()), 6)
+    return result
+
+
 def run_llmcompressor(model_dir: Path, work: Path, tokens: list[list[int]], group: int) -> dict[str, Any]:
     """llm-compressor's AWQ (W4A16 asymmetric, same group size) on the same model and token ids."""
     try:
@@ -108,7 +128,7 @@ def run_llmcompressor(model_dir: Path, work: Path, tokens: list[list[int]], grou
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description="AWQ end to end on a random Llama-3.2-1B-shaped model.")
     p.add_argument("--small", action="store_true", help="tiny 2-layer model (CPU smoke check)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--samples", type=int, default=64)
@@ -134,6 +154,8 @@ def main() -> int:
         "torch": torch.__version__,
     }
     result["quantspace"] = run_ours(model_dir, work / "ours", tokens, args.group, device)
+    held_out = torch.randint(0, shape["vocab_size"], (2, args.seqlen), generator=gen)
+    result["quality"] = quality(model_dir, work / "ours" / "out", args.group, device, held_out)
     if device == "cuda":
         other = run_llmcompressor(model_dir, work / "llmc", tokens, args.group)
         result["llmcompressor"] = other
