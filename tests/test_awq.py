@@ -97,35 +97,39 @@ def _state(model_dir: Path, state: Path, group: int = 128) -> None:
     engine.prepare(state, engine.Settings(group_size=group, n_samples=len(tokens), seqlen=64), tokens)
 
 
-def test_resumed_run_writes_the_same_checkpoint_as_one_run(tiny_bpe, tmp_path):
-    _state(tiny_bpe, tmp_path / "one")
-    assert engine.run(tiny_bpe, tmp_path / "one") is True
+@pytest.fixture(scope="module")
+def tiny_done(tiny_bpe, tmp_path_factory) -> Path:
+    """A finished state folder: tiny_bpe quantized in one uninterrupted run."""
+    state = tmp_path_factory.mktemp("tiny-awq") / "state"
+    _state(tiny_bpe, state)
+    assert engine.run(tiny_bpe, state) is True
+    return state
+
+
+def test_resumed_run_writes_the_same_checkpoint_as_one_run(tiny_bpe, tiny_done, tmp_path):
     _state(tiny_bpe, tmp_path / "many")
     calls = 0
     while not engine.run(tiny_bpe, tmp_path / "many", budget_s=0):   # one layer per call, like short GPU windows
         calls += 1
         assert list((tmp_path / "many").glob("hidden-*.pt")), "a stopped run leaves the next layer's input"
     assert calls == 1 and engine.next_layer(tmp_path / "many") == 2
-    a, _ = write_checkpoint(tiny_bpe, tmp_path / "one", tmp_path / "a")
+    a, _ = write_checkpoint(tiny_bpe, tiny_done, tmp_path / "a")
     b, _ = write_checkpoint(tiny_bpe, tmp_path / "many", tmp_path / "b")
-    sa, sb = dequantized_state(tmp_path / "a"), dequantized_state(tmp_path / "b")
     assert a[0].read_bytes() == b[0].read_bytes()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    # The same job in the same folder resumes (nothing to do); a different job starts over.
-    _state(tiny_bpe, tmp_path / "one")
-    assert engine.next_layer(tmp_path / "one") == 2
-    _state(tiny_bpe, tmp_path / "one", group=64)
-    assert engine.next_layer(tmp_path / "one") == 0 and not list((tmp_path / "one").glob("layer-*"))
+    # The same job in the same folder resumes (nothing left to do); a different job starts over.
+    _state(tiny_bpe, tmp_path / "many")
+    assert engine.next_layer(tmp_path / "many") == 2
+    _state(tiny_bpe, tmp_path / "many", group=64)
+    assert engine.next_layer(tmp_path / "many") == 0 and not list((tmp_path / "many").glob("layer-*"))
 
 
-def test_sharded_checkpoint_has_an_index_and_the_same_tensors(tiny_bpe, tmp_path):
-    _state(tiny_bpe, tmp_path / "s")
-    engine.run(tiny_bpe, tmp_path / "s")
-    one, _ = write_checkpoint(tiny_bpe, tmp_path / "s", tmp_path / "one")
-    many, extra = write_checkpoint(tiny_bpe, tmp_path / "s", tmp_path / "many", max_shard_bytes=400_000)
+def test_sharded_checkpoint_has_an_index_and_the_same_tensors(tiny_bpe, tiny_done, tmp_path):
+    one, _ = write_checkpoint(tiny_bpe, tiny_done, tmp_path / "one")
+    many, extra = write_checkpoint(tiny_bpe, tiny_done, tmp_path / "many", max_shard_bytes=400_000)
     assert len(one) == 1 and len(many) > 2
     index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in many}
+    assert tmp_path / "many" / "model.safetensors.index.json" in extra
     sa, sb = dequantized_state(tmp_path / "one"), dequantized_state(tmp_path / "many")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -137,7 +141,7 @@ def _load_with_transformers(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32).eval()
 
 
-def _check_transformers_matches_dequantized(folder: Path, ids: list[int], rel: float) -> None:
+def _check_transformers_matches_dequantized(folder: Path, ids: list[int], rel: float, new_tokens: int) -> None:
     """transformers (AWQ kernels via gptqmodel) gives our dequantized model's logits, and generates the same."""
     loaded, ours = _load_with_transformers(folder), dequantized_model(folder)
     q_proj = loaded.model.layers[0].self_attn.q_proj
@@ -147,8 +151,9 @@ def _check_transformers_matches_dequantized(folder: Path, ids: list[int], rel: f
         a, b = loaded(x).logits.float(), ours(x).logits
         assert (a - b).abs().max().item() < rel * b.abs().max().item()
         assert torch.equal(a.argmax(-1), b.argmax(-1))
-        gen = loaded.generate(x, max_new_tokens=6, do_sample=False)
-        assert torch.equal(gen, ours.generate(x, max_new_tokens=6, do_sample=False))
+        n = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        gen = loaded.generate(x, **n)
+        assert gen.shape[1] == x.shape[1] + new_tokens and torch.equal(gen, ours.generate(x, **n))
 
 
 def test_qwen2_with_biases_quantizes_and_loads_in_transformers(tiny_qwen2, tmp_path):
@@ -172,7 +177,7 @@ def test_qwen2_with_biases_quantizes_and_loads_in_transformers(tiny_qwen2, tmp_p
     assert "model.layers.1.mlp.down_proj.qweight" in names and "model.layers.1.mlp.down_proj.weight" not in names
     m, rtn = report.files[0].metrics, report.files[0].details["rtn"]
     assert m["kld_mean"] < rtn["kld_mean"]
-    _check_transformers_matches_dequantized(folder, _tokens(tiny_qwen2, 1, 24)[0], rel=1e-3)
+    _check_transformers_matches_dequantized(folder, _tokens(tiny_qwen2, 1, 24)[0], rel=1e-3, new_tokens=6)
 
 
 def test_end_to_end_push_with_card_and_rtn_comparison(hub, tiny_bpe, tmp_path, capsys, monkeypatch):
@@ -205,18 +210,12 @@ def test_end_to_end_push_with_card_and_rtn_comparison(hub, tiny_bpe, tmp_path, c
     assert f"| AWQ | {result.metrics['perplexity']:.4f} |" in card.text
     assert f"| RTN | {rtn['perplexity']:.4f} |" in card.text
     assert "--calib-samples 4" in report.command
-
-
-def test_estimate_is_close_to_the_written_size(tiny_bpe, tmp_path):
-    from quantspace import quantize
+    # The size estimate from headers alone is close to what was written.
     from quantspace.estimate import estimate
 
     est = estimate(str(tiny_bpe), method="awq")
-    assert set(est.sizes) == {"W4G128", "W4G64", "W4G32"}
     assert est.sizes["W4G32"] > est.sizes["W4G64"] > est.sizes["W4G128"]
-    report = quantize(str(tiny_bpe), method="awq", out=tmp_path, options=TINY_CALIB, no_eval=True)
-    size = report.files[0].size_bytes
-    assert abs(est.sizes["W4G128"] - size) < 0.02 * size
+    assert abs(est.sizes["W4G64"] - result.size_bytes) < 0.02 * result.size_bytes
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -276,7 +275,8 @@ def test_awq_beats_round_to_nearest_on_smollm2(smollm2_awq):
 
 def test_transformers_loads_the_smollm2_checkpoint_like_our_dequantized_model(smollm2_awq, smollm2):
     out, _ = smollm2_awq
-    _check_transformers_matches_dequantized(out, _tokens(smollm2, 1, 32)[0], rel=2e-3)
+    # gptqmodel's CPU kernel unpacks the weights on every call (~10 s a forward here): few tokens.
+    _check_transformers_matches_dequantized(out, _tokens(smollm2, 1, 16)[0], rel=2e-3, new_tokens=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

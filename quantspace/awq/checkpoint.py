@@ -84,6 +84,9 @@ def write_checkpoint(model_dir: Path, state_dir: Path, out_dir: Path,
             weight_map[name] = fname
         weights.append(_save(tensors, out_dir / fname, save_file))
     extra = []
+    stale_index = out_dir / "model.safetensors.index.json"
+    if len(shards) == 1 and stale_index.is_file():   # from an earlier sharded run into this folder
+        stale_index.unlink()
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(i[2] for i in items)}, "weight_map": weight_map}
         extra.append(_write_text(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2)))
@@ -121,8 +124,11 @@ def dequantized_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     raw: dict[str, torch.Tensor] = {}
-    for path in sorted(ckpt_dir.glob("*.safetensors")):
-        raw.update(load_file(str(path)))
+    index = ckpt_dir / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    for name in names:
+        raw.update(load_file(str(ckpt_dir / name)))
     state = {}
     for name, t in raw.items():
         base, _, suffix = name.rpartition(".")
