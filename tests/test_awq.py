@@ -123,6 +123,28 @@ def test_resumed_run_writes_the_same_checkpoint_as_one_run(tiny_bpe, tiny_done, 
     assert engine.next_layer(tmp_path / "many") == 0 and not list((tmp_path / "many").glob("layer-*"))
 
 
+def test_pipeline_spans_several_gpu_windows(tiny_bpe, tiny_done, tmp_path, monkeypatch):
+    """Through a ZeroGPU-like runner (function and arguments pickled, a window's budget): one call per layer
+    here, and the same checkpoint as one uninterrupted run."""
+    import pickle
+
+    from quantspace import quantize
+    from quantspace.formats import awq as awq_format
+
+    calls = []
+
+    def runner(fn, *args):
+        fn, args = pickle.loads(pickle.dumps((fn, args)))   # as if sent to another process
+        calls.append(args[-1])
+        return fn(*args)
+
+    monkeypatch.setattr(awq_format, "WINDOW_BUDGET_S", 0.0)
+    quantize(str(tiny_bpe), method="awq", out=tmp_path / "o", options=TINY_CALIB, no_eval=True, run_gpu=runner)
+    assert calls == [0.0, 0.0]
+    one, _ = write_checkpoint(tiny_bpe, tiny_done, tmp_path / "one")
+    assert (tmp_path / "o" / "model.safetensors").read_bytes() == one[0].read_bytes()
+
+
 def test_sharded_checkpoint_has_an_index_and_the_same_tensors(tiny_bpe, tiny_done, tmp_path):
     one, _ = write_checkpoint(tiny_bpe, tiny_done, tmp_path / "one")
     many, extra = write_checkpoint(tiny_bpe, tiny_done, tmp_path / "many", max_shard_bytes=400_000)
