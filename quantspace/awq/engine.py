@@ -136,10 +136,6 @@ def _skeleton(config: dict[str, Any]) -> nn.Module:
         return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
 
 
-def _submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def _materialise(layer: nn.Module, prefix: str, src: SourceTensors, device: torch.device,
                  dtype: torch.dtype) -> nn.Module:
     """The meta-device layer with its tensors read from the source, on the device."""
@@ -246,18 +242,15 @@ def run(model_dir: Path, state_dir: Path, budget_s: float | None = None,
     dev, dtype = torch.device(settings.device), settings.dtype
     src = SourceTensors(model_dir)
     model = _skeleton(config)
-    inner = _submodule(model, spec.layers_path.rpartition(".")[0])
     if first == 0:
         tokens = torch.load(state_dir / "tokens.pt")
-        embed = src.get(f"{spec.layers_path.rpartition('.')[0]}.embed_tokens.weight")
-        x = nn.functional.embedding(tokens, embed).to(dev, dtype)
-        del embed
+        x = nn.functional.embedding(tokens, src.get(spec.embeddings)).to(dev, dtype)
     else:
         x = torch.load(_hidden_file(state_dir, first), map_location=dev)
-    rotary = type(inner.rotary_emb)(model.config).to(dev)
+    rotary = type(model.get_submodule(spec.rotary))(model.config).to(dev)   # its buffers are computed, not stored
     positions = torch.arange(settings.seqlen, device=dev).unsqueeze(0)
     runner = _Runner(rotary(x[:1], positions), settings.chunk_tokens)
-    layers = _submodule(model, spec.layers_path)
+    layers = model.get_submodule(spec.layers_path)
     slowest = 0.0
     i = first
     while i < n_layers:

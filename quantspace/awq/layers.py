@@ -25,6 +25,8 @@ class LayerSpec:
     layers_path: str           # where the decoder layers live in the CausalLM
     groups: tuple[Group, ...]
     no_clip: tuple[str, ...]   # linears whose weights are not clipped (q/k: their products go through softmax)
+    embeddings: str = "model.embed_tokens.weight"   # the tensor that turns calibration tokens into hidden states
+    rotary: str = "model.rotary_emb"                # the module that makes the layers' position embeddings
     not_converted: tuple[str, ...] = ("lm_head",)
 
     @property
