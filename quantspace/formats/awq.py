@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,7 +68,6 @@ class AWQ:
         from transformers import AutoTokenizer
 
         from ..awq import engine
-        from ..awq.checkpoint import write_checkpoint
         from ..calib import load_calibration_text, calibration_samples
 
         variant = variants[0]
@@ -82,10 +82,24 @@ class AWQ:
         tick(1, 1)
         settings = engine.Settings(group_size=group, n_samples=len(samples), seqlen=len(samples[0]),
                                    device=ctx.device)
-        work = ctx.workdir or Path(tempfile.mkdtemp(prefix="quantspace-awq-"))
-        state = work / f"awq-state-{variant}"
+        # The state folder lives as long as the job's scratch space (resumable across GPU windows within it).
+        state = (ctx.workdir or Path(tempfile.gettempdir())) / f"quantspace-awq-state-{model_dir.name}-{variant}"
         engine.prepare(state, settings, samples)
-        n_layers = int(config["num_hidden_layers"])
+        try:
+            weights, extra = self._quantize(model_dir, out_dir, state, variant, int(config["num_hidden_layers"]), ctx)
+        finally:
+            if ctx.workdir is None:
+                shutil.rmtree(state, ignore_errors=True)
+        self._sources[variant] = model_dir
+        details: dict[str, Any] = {"group_size": group, "calibration": calib.source,
+                                   "calib_samples": len(samples), "calib_seqlen": settings.seqlen}
+        return [Output(variant, tuple(weights), tuple(extra), details)]
+
+    def _quantize(self, model_dir: Path, out_dir: Path, state: Path, variant: str, n_layers: int,
+                  ctx: Context) -> tuple[list[Path], list[Path]]:
+        from ..awq import engine
+        from ..awq.checkpoint import write_checkpoint
+
         tick = ctx.stage(f"AWQ {variant}")
         if ctx.run_gpu is run_directly:
             engine.run(model_dir, state, progress=tick)
@@ -98,12 +112,9 @@ class AWQ:
                     raise QuantizeError(f"AWQ made no progress at layer {before}; the GPU window is too short.")
                 tick(engine.next_layer(state), n_layers)
         tick = ctx.stage(f"save {variant}")
-        weights, extra = write_checkpoint(model_dir, state, out_dir)
+        files = write_checkpoint(model_dir, state, out_dir)
         tick(1, 1)
-        self._sources[variant] = model_dir
-        details: dict[str, Any] = {"group_size": group, "calibration": calib.source,
-                                   "calib_samples": len(samples), "calib_seqlen": settings.seqlen}
-        return [Output(variant, tuple(weights), tuple(extra), details)]
+        return files
 
     def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
         from ..awq.checkpoint import dequantized_model, rtn_model
