@@ -49,7 +49,8 @@ class AWQ:
                 out.append(key)
         if len(out) != 1:
             raise BadOptionError(
-                f"AWQ makes one variant per run (the checkpoint is the whole repo); choose one of {', '.join(VARIANTS)}."
+                "AWQ makes one variant per run (the checkpoint is the whole repo); "
+                f"choose one of {', '.join(VARIANTS)}."
             )
         return out
 
