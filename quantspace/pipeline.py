@@ -105,13 +105,15 @@ def quantize(
     options: dict[str, Any] | None = None,
     device: str = "auto",
     run_gpu: GpuRunner = run_directly,
+    gpu_window_s: float | None = None,
 ) -> Report:
     """Quantize `source` (Hub repo id[@revision] or local folder) and return the report.
 
     Every check that can fail cheaply (options, token, target namespace, architecture, tokenizer, weights)
     runs before the download. Files are written to `out`; with `push`, they go to the Hub in one commit.
     `options` are the method's own (see `get_format(method).options`); `device` is auto, cpu or cuda;
-    `run_gpu` runs the GPU stages (the Space passes a ZeroGPU-decorated runner).
+    `run_gpu` runs the GPU stages (the Space passes a ZeroGPU-decorated runner, and the length of one of its
+    windows as `gpu_window_s`, so long stages can split their work).
     """
     from .evaluate import EvalSettings, load_eval_text
 
@@ -129,6 +131,7 @@ def quantize(
     if push:
         check_target(push, token)
     info = resolve(source, token=token, allow_pickle=allow_pickle)
+    fmt.check_source(info.config, chosen)
 
     name = f"{info.name}-{fmt.suffix}"
     out_dir = Path(out) if out else Path("quantspace-out") / name
@@ -141,7 +144,7 @@ def quantize(
         with tempfile.TemporaryDirectory(prefix="quantspace-") as work:
             model_dir = _fetch(info, token, Path(work), stages)
             job = Context(stage=stages, options=opts, device=device, run_gpu=run_gpu, workdir=Path(work),
-                          token=token)
+                          token=token, gpu_window_s=gpu_window_s)
             outputs = fmt.produce(model_dir, out_dir, info.name, chosen, job)
             written += [p for o in outputs for p in o.files]
             n_params = parameter_count(model_dir)
@@ -214,6 +217,7 @@ def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Repor
         for output, result in zip(outputs, report.files):
             metrics = fmt.evaluate(output, ref, job, stages(f"evaluate {output.variant}"))
             result.metrics = metrics.to_dict()
+            result.details = dict(output.details) or None   # evaluate may add facts (e.g. a baseline's metrics)
         report.evaluation = EvalInfo(
             text_source=text.source, n_tokens=ref.metrics.n_tokens, ctx=settings.ctx, chunks=len(chunks),
             method=method_line(settings, fmt.eval_runtime),

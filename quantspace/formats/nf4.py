@@ -101,6 +101,9 @@ class NF4:
             return f"{' and '.join(missing)} not installed (pip install {' '.join(missing)})."
         return None
 
+    def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
+        return None
+
     def check_variants(self, variants: list[str]) -> list[str]:
         chosen: list[str] = []
         for v in variants:

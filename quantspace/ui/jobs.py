@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from ..errors import AuthError
 from ..formats import run_directly
-from ..preflight import on_space, on_zero_gpu
+from ..preflight import gpu_seconds, on_space, on_zero_gpu
 from .gpu import gpu_runner
 
 # Gradio's mocked sign-in (off a Space) hands out this placeholder instead of a real token.
@@ -104,11 +104,13 @@ class Job:
         from ..pipeline import quantize
 
         spec, out = self.spec, self.dir / "out"
-        runner = gpu_runner(self._parameters()) if on_zero_gpu() else run_directly
+        params = self._parameters() if on_zero_gpu() else None
+        window = gpu_seconds(params) if params is not None else None
+        runner = gpu_runner(params) if params is not None else run_directly
         report = quantize(spec.model, method=spec.method, variants=spec.variants or None, out=out,
                           push=spec.target or None, private=spec.private, no_eval=not spec.evaluate,
                           token=self.token, progress=self._tick, options=spec.options, device="auto",
-                          run_gpu=runner)
+                          run_gpu=runner, gpu_window_s=window)
         return JobResult(report.to_dict(), (out / "README.md").read_text(encoding="utf-8"), out)
 
     def _parameters(self) -> int:

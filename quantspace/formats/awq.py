@@ -1,0 +1,216 @@
+"""AWQ: 4-bit weights with activation-aware scales, as the standard AWQ GEMM checkpoint (transformers, vLLM, TGI)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BadOptionError, QuantizeError
+from ..awq.layers import is_quantized_name
+from . import Context, Option, Output, TensorStats, Tick, run_directly
+
+if TYPE_CHECKING:
+    from ..evaluate import Metrics, Reference
+    from ..report import Report
+
+VARIANTS = {"W4G128": 128, "W4G64": 64, "W4G32": 32}   # 4-bit weights, group size
+WINDOW_BUDGET_S = 50.0   # one ZeroGPU window (60 s by default) minus the start and the hand-back
+WINDOW_SHARE = 0.8       # of a known window length: the rest covers the start and the hand-back
+
+
+class AWQ:
+    name = "awq"
+    library_name = "transformers"
+    suffix = "AWQ"
+    title = "AWQ 4-bit"
+    eval_runtime = "the AWQ checkpoint dequantized, (q − z)·s (transformers fp32)"
+    variants = tuple(VARIANTS)
+    default_variants = ("W4G128",)
+    options: tuple[Option, ...] = (
+        Option("calib_samples", 128, "AWQ calibration samples", minimum=1),
+        Option("calib_seqlen", 512, "tokens per AWQ calibration sample", minimum=16),
+        Option("calib_dataset", "", "Hub dataset id[:file] for AWQ calibration (empty: the shipped text)"),
+        Option("rtn_baseline", True, "also measure plain round-to-nearest int4 for comparison"),
+    )
+    needs_gpu = False
+
+    def __init__(self) -> None:
+        self._sources: dict[str, Path] = {}   # variant → source folder, for the RTN baseline
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
+        from ..awq.layers import spec_for
+
+        spec_for(config)   # an unsupported architecture is refused here too
+        refuse_misfit(config_shapes(config), VARIANTS[variants[0]])
+
+    def check_variants(self, variants: list[str]) -> list[str]:
+        out: list[str] = []
+        for v in variants:
+            key = v.strip().upper()
+            if key not in VARIANTS:
+                raise BadOptionError(f"Unknown AWQ variant '{v.strip()}'. Choose from: {', '.join(VARIANTS)}.")
+            if key not in out:
+                out.append(key)
+        if len(out) != 1:
+            raise BadOptionError(
+                "AWQ makes one variant per run (the checkpoint is the whole repo); "
+                f"choose one of {', '.join(VARIANTS)}."
+            )
+        return out
+
+    def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
+        sizes = {}
+        for v in variants:
+            g = VARIANTS[v]
+            bits = stats.vector_params * 16.0
+            for name, n in stats.matrix_params.items():
+                # 4-bit weights, an fp16 scale and a 4-bit zero per group; the rest stays fp16.
+                bits += n * (4 + 20 / g) if is_quantized_name(name) else n * 16
+            sizes[v] = int(bits / 8)
+        return sizes
+
+    def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
+        from transformers import AutoTokenizer
+
+        from ..awq import engine
+        from ..calib import load_calibration_text, calibration_samples
+
+        variant = variants[0]
+        group = VARIANTS[variant]
+        config = engine.load_config(model_dir)
+        check_shapes(model_dir, config, group)
+        opts = ctx.options
+        tick = ctx.stage("calibration")
+        calib = load_calibration_text(opts.get("calib_dataset") or None, token=ctx.token)
+        samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir), calib, int(opts["calib_samples"]),
+                                      int(opts["calib_seqlen"]))
+        tick(1, 1)
+        settings = engine.Settings(group_size=group, n_samples=len(samples), seqlen=len(samples[0]),
+                                   device=ctx.device)
+        # The state folder lives as long as the job's scratch space (resumable across GPU windows within it).
+        state = (ctx.workdir or Path(tempfile.gettempdir())) / f"quantspace-awq-state-{model_dir.name}-{variant}"
+        engine.prepare(state, settings, samples)
+        try:
+            weights, extra = self._quantize(model_dir, out_dir, state, variant, int(config["num_hidden_layers"]), ctx)
+        finally:
+            if ctx.workdir is None:
+                shutil.rmtree(state, ignore_errors=True)
+        self._sources[variant] = model_dir
+        details: dict[str, Any] = {"group_size": group, "calibration": calib.source,
+                                   "calib_samples": len(samples), "calib_seqlen": settings.seqlen}
+        return [Output(variant, tuple(weights), tuple(extra), details)]
+
+    def _quantize(self, model_dir: Path, out_dir: Path, state: Path, variant: str, n_layers: int,
+                  ctx: Context) -> tuple[list[Path], list[Path]]:
+        from ..awq import engine
+        from ..awq.checkpoint import write_checkpoint
+
+        tick = ctx.stage(f"AWQ {variant}")
+        if ctx.run_gpu is run_directly:
+            engine.run(model_dir, state, progress=tick)
+        else:   # bounded GPU windows: each call does what fits and leaves the rest in the state folder
+            budget = WINDOW_SHARE * ctx.gpu_window_s if ctx.gpu_window_s else WINDOW_BUDGET_S
+            while True:
+                before = engine.next_layer(state)
+                if ctx.run_gpu(engine.run, model_dir, state, budget):
+                    break
+                if engine.next_layer(state) <= before:
+                    raise QuantizeError(f"AWQ made no progress at layer {before}; the GPU window is too short.")
+                tick(engine.next_layer(state), n_layers)
+        tick = ctx.stage(f"save {variant}")
+        files = write_checkpoint(model_dir, state, out_dir)
+        tick(1, 1)
+        return files
+
+    def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
+        from ..awq.checkpoint import dequantized_model, rtn_model
+        from ..evaluate import evaluate_torch_model
+
+        metrics = evaluate_torch_model(dequantized_model(output.path.parent), ref, progress=tick)
+        source = self._sources.get(output.variant)
+        if ctx.options.get("rtn_baseline", True) and source is not None:
+            rtn = evaluate_torch_model(rtn_model(source, VARIANTS[output.variant]), ref)
+            output.details["rtn"] = rtn.to_dict()
+        return metrics
+
+    def tags(self, variants: list[str]) -> list[str]:
+        return ["awq", "4-bit", "int4", "quantized", *[v.lower() for v in variants]]
+
+    def usage(self, repo_id: str | None, report: "Report") -> str:
+        where = repo_id or "path/to/this/folder"
+        return "\n".join([
+            "### vLLM",
+            "```sh",
+            f"vllm serve {where} --quantization awq",
+            "```",
+            "",
+            "### Text Generation Inference",
+            "```sh",
+            "docker run --gpus all -p 8080:80 -v $PWD/data:/data ghcr.io/huggingface/text-generation-inference "
+            f"--model-id {where} --quantize awq",
+            "```",
+            "",
+            "### transformers (needs `gptqmodel` for the AWQ kernels; runs on CUDA and CPU)",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{where}", device_map="auto")',
+            'inputs = tokenizer("Hello!", return_tensors="pt").to(model.device)',
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
+            "```",
+        ])
+
+    def card_notes(self, report: "Report") -> str:
+        lines = []
+        for f in report.files:
+            d = f.details or {}
+            if "group_size" in d:
+                lines.append(f"## AWQ\n\n4-bit weights with a zero point, group size {d['group_size']}, "
+                             f"AWQ GEMM layout; lm_head and embeddings stay fp16. Scales and clipping were searched "
+                             f"on {d['calib_samples']} samples × {d['calib_seqlen']} tokens of {d['calibration']}.")
+            rtn, awq = d.get("rtn"), f.metrics
+            if rtn and awq:
+                lines += ["", "### AWQ vs RTN", "",
+                          "Plain round-to-nearest int4 with the same group size (no activation-aware search), "
+                          "measured the same way:", "",
+                          "| Method | PPL | ΔPPL | KLD | Top-1 |", "|---|---:|---:|---:|---:|"]
+                for label, m in (("AWQ", awq), ("RTN", rtn)):
+                    lines.append(f"| {label} | {m['perplexity']:.4f} | {m['delta_ppl']:+.4f} | {m['kld_mean']:.5f} "
+                                 f"| {100 * m['top1_agreement']:.2f}% |")
+        return "\n".join(lines)
+
+
+def config_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(out, in) of a Llama-family decoder layer's linears, from config.json alone (before any download)."""
+    hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = int(config.get("num_key_value_heads") or heads) * head_dim
+    return {"q_proj": (heads * head_dim, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden),
+            "o_proj": (hidden, heads * head_dim), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+            "down_proj": (hidden, inter)}
+
+
+def check_shapes(model_dir: Path, config: dict[str, Any], group: int) -> None:
+    """Every linear AWQ replaces must split into whole groups and int32 columns; else a clear refusal."""
+    from ..awq.layers import quantized_tensor_names, spec_for
+    from ..weights import all_entries
+
+    names = set(quantized_tensor_names(spec_for(config), int(config["num_hidden_layers"])))
+    refuse_misfit({e.name: e.shape for e in all_entries(model_dir) if e.name in names}, group)
+
+
+def refuse_misfit(shapes: dict[str, tuple[int, ...]], group: int) -> None:
+    bad = [(n, s) for n, s in shapes.items() if s[1] % group or s[0] % 8]
+    if bad:
+        name, (out_f, in_f) = bad[0]
+        fits = [v for v, g in VARIANTS.items() if all(s[1] % g == 0 and s[0] % 8 == 0 for s in shapes.values())]
+        raise BadOptionError(
+            f"{name} has {in_f} inputs and {out_f} outputs; AWQ group size {group} needs inputs in whole groups "
+            f"and outputs in multiples of 8. Variants that fit this model: {', '.join(fits) or 'none'}."
+        )
