@@ -2,6 +2,11 @@
 
     python bench/bench_awq.py                 # CUDA, 64 x 512 calibration, group 128 (the issue's setting)
     python bench/bench_awq.py --small         # a 2-layer model of hidden 256: a smoke check on the CPU
+    python bench/bench_awq.py --engine llmcompressor --against ours.json   # theirs, in its own environment
+
+llm-compressor pins an older transformers than ours, so each engine can run in its own environment, one after
+the other on the same machine: `--engine ours --json ours.json`, then `--engine llmcompressor --against
+ours.json` prints the ratio ours / theirs (same cached model, same seeded tokens).
 
 Nothing is downloaded: the model is made here (cached under --cache) and calibration is random token ids,
 the same for every engine. When llm-compressor is importable, its AWQ runs on the same model and tokens and
@@ -103,6 +108,15 @@ def quality(model_dir: Path, ckpt: Path, group: int, device: str, ids: torch.Ten
     return result
 
 
+def _placeholder_tokenizer() -> Any:
+    """oneshot insists on a processor even for pre-tokenized data; the random model has no tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                   unk_token="<unk>")
+
+
 def run_llmcompressor(model_dir: Path, work: Path, tokens: list[list[int]], group: int) -> dict[str, Any]:
     """llm-compressor's AWQ (W4A16 asymmetric, same group size) on the same model and token ids."""
     try:
@@ -121,7 +135,7 @@ def run_llmcompressor(model_dir: Path, work: Path, tokens: list[list[int]], grou
         return {"skipped": "llm-compressor's W4A16_ASYM preset uses group 128"}
     recipe = [AWQModifier(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"])]
     oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=len(tokens[0]),
-            num_calibration_samples=len(tokens))
+            num_calibration_samples=len(tokens), processor=_placeholder_tokenizer())
     model.save_pretrained(work, save_compressed=True)
     torch.cuda.synchronize()
     return {"total_s": round(time.perf_counter() - t0, 2)}
@@ -136,6 +150,8 @@ def main() -> int:
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--engine", default="both", choices=("both", "ours", "llmcompressor"))
+    p.add_argument("--against", type=Path, default=None, help="JSON of an `--engine ours` run, for the ratio")
     args = p.parse_args()
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
@@ -153,13 +169,16 @@ def main() -> int:
         "calibration": f"{args.samples} x {args.seqlen} random token ids", "group_size": args.group,
         "torch": torch.__version__,
     }
-    result["quantspace"] = run_ours(model_dir, work / "ours", tokens, args.group, device)
-    held_out = torch.randint(0, shape["vocab_size"], (2, args.seqlen), generator=gen)
-    result["quality"] = quality(model_dir, work / "ours" / "out", args.group, device, held_out)
-    if device == "cuda":
+    if args.engine in ("both", "ours"):
+        result["quantspace"] = run_ours(model_dir, work / "ours", tokens, args.group, device)
+        held_out = torch.randint(0, shape["vocab_size"], (2, args.seqlen), generator=gen)
+        result["quality"] = quality(model_dir, work / "ours" / "out", args.group, device, held_out)
+    elif args.against is not None:
+        result["quantspace"] = json.loads(args.against.read_text())["quantspace"]
+    if device == "cuda" and args.engine in ("both", "llmcompressor"):
         other = run_llmcompressor(model_dir, work / "llmc", tokens, args.group)
         result["llmcompressor"] = other
-        if "total_s" in other:
+        if "total_s" in other and "quantspace" in result:
             result["ratio_vs_llmcompressor"] = round(result["quantspace"]["total_s"] / other["total_s"], 3)
     shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(result, indent=2)

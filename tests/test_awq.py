@@ -306,11 +306,21 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_cuda_packing_is_bit_identical_to_cpu():
+    """Packing on the GPU writes the same bits as on the CPU; quantizing there may only differ where a value
+    sits on a rounding boundary, by one level."""
     torch.manual_seed(3)
     w = torch.randn(512, 1024) * 0.03
-    cpu = pack_linear(*quantize(w, 128))
-    gpu = pack_linear(*quantize(w.cuda(), 128))
+    q, z, s = quantize(w, 128)
+    cpu = pack_linear(q, z, s)
+    gpu = pack_linear(q.cuda(), z.cuda(), s.cuda())
     assert all(torch.equal(cpu[k], gpu[k].cpu()) for k in cpu)
+    # Float32 arithmetic can differ in the last bit between devices: scales agree to fp16 precision and only
+    # values on a rounding boundary move, by one level.
+    gq, gz, gs = (t.cpu() for t in quantize(w.cuda(), 128))
+    assert torch.allclose(gs.float(), s.float(), rtol=1e-3, atol=0)
+    for mine, theirs in ((gq, q), (gz, z)):
+        diff = (mine.int() - theirs.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
 
 
 @needs_cuda

@@ -62,11 +62,13 @@ def pack_columns(values: torch.Tensor) -> torch.Tensor:
     rows, cols = values.shape
     if cols % PACK:
         raise ValueError(f"{cols} columns is not a multiple of {PACK}")
-    v = values.to(torch.int32).reshape(rows, cols // PACK, PACK)[:, :, list(AWQ_ORDER)]
-    packed = torch.zeros(rows, cols // PACK, dtype=torch.int32, device=values.device)
+    v = values.to(torch.int64).reshape(rows, cols // PACK, PACK)[:, :, list(AWQ_ORDER)]
+    packed = torch.zeros(rows, cols // PACK, dtype=torch.int64, device=values.device)
     for i in range(PACK):
-        packed |= v[:, :, i] << (BITS * i)   # int32 shifts wrap into the sign bit, as the kernels expect
-    return packed
+        packed |= v[:, :, i] << (BITS * i)
+    # The top nibble reaches the int32 sign bit: wrap to two's complement explicitly (a signed int32 shift
+    # that overflows is not defined the same way on every device).
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
 
 
 def unpack_columns(packed: torch.Tensor) -> torch.Tensor:
