@@ -57,13 +57,16 @@ def _table(report) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .formats import REGISTRY
+
     p = argparse.ArgumentParser(prog="python -m quantspace", description="Quantize Hugging Face models, measured.")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="make quantized files, measure them, optionally push to the Hub")
     q.add_argument("source", help="Hub repo id (owner/name[@revision]) or a local model folder")
-    q.add_argument("--method", default="gguf", help="output format (default: gguf)")
-    q.add_argument("--variants", default=None, help="comma-separated, e.g. Q4_K_M,Q8_0 (default: Q4_K_M,Q8_0)")
-    q.add_argument("--out", default=None, help="output folder (default: ./quantspace-out/<name>-GGUF/)")
+    q.add_argument("--method", default="gguf", help=f"output format: {', '.join(REGISTRY)} (default: gguf)")
+    q.add_argument("--variants", default=None, help="comma-separated, e.g. Q4_K_M,Q8_0 for gguf, W4G64 for awq, "
+                   "FP4 for nf4 (default: the method's usual choice)")
+    q.add_argument("--out", default=None, help="output folder (default: ./quantspace-out/<name>-<SUFFIX>/)")
     q.add_argument("--push", default=None, metavar="OWNER/NAME", help="push the result to this Hub repo")
     q.add_argument("--private", action="store_true", help="create the pushed repo as private")
     q.add_argument("--eval-text", default=None, metavar="FILE", help="evaluation text (default: shipped text)")
@@ -76,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     _format_flags(q)
     e = sub.add_parser("estimate", help="parameter count and output sizes, without downloading weights")
     e.add_argument("source")
-    e.add_argument("--method", default="gguf")
+    e.add_argument("--method", default="gguf", help=f"output format: {', '.join(REGISTRY)} (default: gguf)")
     e.add_argument("--json", action="store_true", help="print JSON")
     return p
 
