@@ -241,7 +241,7 @@ def test_end_to_end_push_with_card_and_rtn_comparison(hub, tiny_bpe, tmp_path, c
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"variants": "W4G128,W4G64"}, BadOptionError, "one variant per run"),
+    ({"variants": "W4G128,W4G64"}, BadOptionError, "one checkpoint per run"),
     ({"variants": "W3G128"}, BadOptionError, "Unknown AWQ variant"),
     ({"options": {"calib_samples": 0}}, BadOptionError, "calib_samples"),
     ({"options": {"calib_seqlen": "long"}}, BadOptionError, "calib_seqlen"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, TypeVar
 
 from ..errors import BadOptionError
 
@@ -136,6 +136,24 @@ def get_format(name: str) -> Format:
         raise BadOptionError(f"Unknown method '{name}'. Available: {', '.join(REGISTRY)}.")
     module, obj = REGISTRY[key].split(":")
     return getattr(importlib.import_module(module), obj)()
+
+
+def pick_variants(method: str, given: list[str], known: Iterable[str], one_per_run: bool = False) -> list[str]:
+    """Upper-cased, de-duplicated variant names in the given order; BadOptionError names what is allowed."""
+    known = list(known)
+    chosen: list[str] = []
+    for v in given:
+        key = v.strip().upper()
+        if key not in known:
+            raise BadOptionError(f"Unknown {method} variant '{v.strip()}'. Choose from: {', '.join(known)}.")
+        if key not in chosen:
+            chosen.append(key)
+    if not chosen:
+        raise BadOptionError(f"No {method} variant given. Choose from: {', '.join(known)}.")
+    if one_per_run and len(chosen) > 1:
+        raise BadOptionError(f"{method} makes one checkpoint per run (a folder at the repo root); "
+                             f"pick one of {', '.join(known)}, got {len(chosen)}.")
+    return chosen
 
 
 def check_options(fmt: Format, given: dict[str, Any] | None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadOptionError, QuantizeError
 from ..awq.layers import is_quantized_name
-from . import Context, Option, Output, TensorStats, Tick, run_directly
+from . import Context, Option, Output, TensorStats, Tick, pick_variants, run_directly
 
 if TYPE_CHECKING:
     from ..evaluate import Metrics, Reference
@@ -49,19 +49,7 @@ class AWQ:
         refuse_misfit(config_shapes(config), VARIANTS[variants[0]])
 
     def check_variants(self, variants: list[str]) -> list[str]:
-        out: list[str] = []
-        for v in variants:
-            key = v.strip().upper()
-            if key not in VARIANTS:
-                raise BadOptionError(f"Unknown AWQ variant '{v.strip()}'. Choose from: {', '.join(VARIANTS)}.")
-            if key not in out:
-                out.append(key)
-        if len(out) != 1:
-            raise BadOptionError(
-                "AWQ makes one variant per run (the checkpoint is the whole repo); "
-                f"choose one of {', '.join(VARIANTS)}."
-            )
-        return out
+        return pick_variants("AWQ", variants, VARIANTS, one_per_run=True)
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         sizes = {}

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import gguf
 
 from ..convert import convert
-from ..errors import BadOptionError, QuantizeError
-from . import Context, Option, Output, TensorStats, Tick
+from ..errors import QuantizeError
+from . import Context, Option, Output, TensorStats, Tick, pick_variants
 
 if TYPE_CHECKING:
     from ..evaluate import Metrics, Reference
@@ -118,18 +118,7 @@ class GGUF:
         return None
 
     def check_variants(self, variants: list[str]) -> list[str]:
-        out: list[str] = []
-        for v in variants:
-            key = v.strip().upper()
-            if key not in VARIANTS:
-                raise BadOptionError(
-                    f"Unknown GGUF variant '{v.strip()}'. Choose from: {', '.join(VARIANTS)}."
-                )
-            if key not in out:
-                out.append(key)
-        if not out:
-            raise BadOptionError(f"No GGUF variant given. Choose from: {', '.join(VARIANTS)}.")
-        return out
+        return pick_variants("GGUF", variants, VARIANTS)
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         tied = not any(n.endswith("lm_head.weight") for n in stats.matrix_params)

@@ -19,7 +19,7 @@ from ..errors import BadOptionError, QuantizeError
 from ..qlora import LORA_RANK, qlora_check
 from ..report import format_size
 from ..vocab import TOKENIZER_FILES
-from . import Context, Option, Output, TensorStats, Tick, run_directly
+from . import Context, Option, Output, TensorStats, Tick, pick_variants, run_directly
 
 if TYPE_CHECKING:
     from ..evaluate import Metrics, Reference
@@ -105,17 +105,7 @@ class NF4:
         return None
 
     def check_variants(self, variants: list[str]) -> list[str]:
-        chosen: list[str] = []
-        for v in variants:
-            key = v.strip().upper()
-            if key not in VARIANTS:
-                raise BadOptionError(f"Unknown NF4 variant '{v.strip()}'. Choose one of: {', '.join(VARIANTS)}.")
-            if key not in chosen:
-                chosen.append(key)
-        if len(chosen) != 1:
-            raise BadOptionError(f"The {self.name} method makes one checkpoint per run (a folder at the repo root); "
-                                 f"pick one of {', '.join(VARIANTS)}, got {len(chosen) or 'none'}.")
-        return chosen
+        return pick_variants(self.name.upper(), variants, VARIANTS, one_per_run=True)
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         # 4 bits per quantized weight + one 8-bit absmax per block (double quant, the default); embeddings,
