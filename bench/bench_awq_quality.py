@@ -1,7 +1,7 @@
 """AWQ quality on a real model: our AWQ against llm-compressor's, scored by our evaluator; JSON on stdout.
 
     python bench/bench_awq_quality.py                                # ours + RTN (no llm-compressor)
-    python bench/bench_awq_quality.py --llmc-python /work/llmc-venv/bin/python   # also llm-compressor's AWQ
+    python bench/bench_awq_quality.py --llmc-python LLMC_VENV/bin/python   # also llm-compressor's AWQ
 
 Run from the repository root with our venv (`.venv/bin/python`). llm-compressor pins another transformers, so it
 runs in its own venv as a child process (`bench/llmc_awq.py`), on the very token blocks ours calibrates on

@@ -1,6 +1,6 @@
 """llm-compressor's AWQ (int4 asymmetric, group G) on the CPU, saved as a dense dequantized HF folder; JSON on stdout.
 
-    /work/llmc-venv/bin/python bench/llmc_awq.py --model MODEL_DIR --tokens calib_tokens.json --out OUT_DIR
+    LLMC_VENV/bin/python bench/llmc_awq.py --model MODEL_DIR --tokens calib_tokens.json --out OUT_DIR
 
 Runs in a venv with llmcompressor (it pins another transformers than ours); bench/bench_awq_quality.py starts it
 with the token blocks our AWQ calibrates on. The model runs in float32 on the CPU, as our AWQ does there. After
