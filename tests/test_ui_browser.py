@@ -67,7 +67,7 @@ def app_url(tmp_path_factory, tiny_bpe):
         try:
             url = f"http://127.0.0.1:{port}/"
             wait_http(url, proc)
-            yield url, hub, tmp / "jobs"
+            yield url, hub, tmp / "jobs", tmp / "app.log"
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -89,7 +89,7 @@ def browser():
 def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     from playwright.sync_api import expect
 
-    url, hub, jobs = app_url
+    url, hub, jobs, _ = app_url
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(60_000)
@@ -159,3 +159,10 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     with urllib.request.urlopen(urllib.parse.urljoin(url, links["tiny-llama-Q8_0.gguf"])) as r:
         assert r.read(4) == b"GGUF"
     assert not list(jobs.iterdir())
+
+
+def test_the_page_caused_no_server_errors(app_url):
+    """Every handler the clicks above triggered returned what the page expects (Gradio logs a traceback when
+    one does not, while the page silently shows nothing)."""
+    log = app_url[3].read_text(errors="replace")
+    assert "Traceback" not in log, log[log.index("Traceback"):][:3000]

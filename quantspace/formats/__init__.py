@@ -66,10 +66,15 @@ class Option:
     help: str
     choices: tuple[Any, ...] | None = None
     minimum: float | None = None     # for numbers
+    label: str | None = None         # for the page; default: the name in words
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name.replace("_", " ").capitalize()
 
 
 @dataclass

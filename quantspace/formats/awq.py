@@ -29,10 +29,13 @@ class AWQ:
     variants = tuple(VARIANTS)
     default_variants = ("W4G128",)
     options: tuple[Option, ...] = (
-        Option("calib_samples", 128, "AWQ calibration samples", minimum=1),
-        Option("calib_seqlen", 512, "tokens per AWQ calibration sample", minimum=16),
-        Option("calib_dataset", "", "Hub dataset id[:file] for AWQ calibration (empty: the shipped text)"),
-        Option("rtn_baseline", True, "also measure plain round-to-nearest int4 for comparison"),
+        Option("calib_samples", 128, "AWQ calibration samples", minimum=1, label="Calibration samples"),
+        Option("calib_seqlen", 512, "tokens per AWQ calibration sample", minimum=16,
+               label="Calibration tokens per sample"),
+        Option("calib_dataset", "", "Hub dataset id[:file] for AWQ calibration (empty: the shipped text)",
+               label="Calibration dataset (Hub id)"),
+        Option("rtn_baseline", True, "also measure plain round-to-nearest int4 for comparison",
+               label="Also measure plain round-to-nearest (RTN)"),
     )
     needs_gpu = False
 

@@ -29,13 +29,19 @@ VARIANTS = {"NF4": "nf4", "FP4": "fp4"}    # variant → bnb_4bit_quant_type
 BLOCK = 64                                  # bitsandbytes' 4-bit block size (one absmax per block)
 
 OPTIONS = (
-    Option("double_quant", True, "quantize the 4-bit blocks' scales again (saves about 0.4 bits per weight)"),
-    Option("compute_dtype", "bfloat16", "dtype the 4-bit layers compute in", choices=("bfloat16", "float16")),
-    Option("skip_modules", "lm_head", "comma-separated module names that stay unquantized (empty: none)"),
-    Option("qlora_check", True, "prove the checkpoint fine-tunes: reload it, add LoRA adapters, train a few steps"),
-    Option("qlora_steps", 8, "optimizer steps of the QLoRA check", minimum=1),
-    Option("qlora_seqlen", 128, "tokens per calibration block of the QLoRA check", minimum=16),
-    Option("calib_dataset", "", "calibration text: a Hub dataset id[:file], or empty for the shipped text"),
+    Option("double_quant", True, "quantize the 4-bit blocks' scales again (saves about 0.4 bits per weight)",
+           label="Double quantization"),
+    Option("compute_dtype", "bfloat16", "dtype the 4-bit layers compute in", choices=("bfloat16", "float16"),
+           label="Compute dtype"),
+    Option("skip_modules", "lm_head", "comma-separated module names that stay unquantized (empty: none)",
+           label="Modules kept unquantized"),
+    Option("qlora_check", True, "prove the checkpoint fine-tunes: reload it, add LoRA adapters, train a few steps",
+           label="QLoRA check"),
+    Option("qlora_steps", 8, "optimizer steps of the QLoRA check", minimum=1, label="QLoRA steps"),
+    Option("qlora_seqlen", 128, "tokens per calibration block of the QLoRA check", minimum=16,
+           label="QLoRA tokens per step"),
+    Option("calib_dataset", "", "calibration text: a Hub dataset id[:file], or empty for the shipped text",
+           label="Calibration dataset (Hub id)"),
 )
 
 

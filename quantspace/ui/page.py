@@ -74,7 +74,7 @@ def _reason(fmt: Format) -> str | None:
 
 def _control(opt: Option, enabled: bool) -> gr.Component:
     """A control for one format option, chosen by the option's type."""
-    label = opt.name.replace("_", " ").capitalize()
+    label = opt.title
     if opt.choices is not None:
         return gr.Dropdown(list(opt.choices), value=opt.default, label=label, info=opt.help, interactive=enabled)
     if isinstance(opt.default, bool):
@@ -210,12 +210,12 @@ def build_demo() -> gr.Blocks:
             """Fill the target with <user>/<model>-<SUFFIX> unless the user typed their own."""
             source, current = (data[model] or "").strip(), (data[target] or "").strip()
             if profile is None or not source or current not in ("", data[auto_target]):
-                return {}
+                return {target: gr.skip()}   # an empty dict would read as one missing output
             fmt = get_format(data[method])
             stem = source.split("@")[0].rstrip("/").split("/")[-1]
             value = f"{profile.username}/{stem}-{fmt.suffix}"
             if value == current:
-                return {}   # unchanged: writing it again could undo what the user is typing right now
+                return {target: gr.skip()}   # unchanged: writing it again could undo what the user is typing
             return {target: value, auto_target: value}
 
         def pick(choice: str | None) -> str:
