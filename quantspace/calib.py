@@ -60,6 +60,15 @@ def calibration_samples(tokenizer: Any, calib: CalibrationText, n_samples: int, 
     return [ids[i * seqlen:(i + 1) * seqlen] for i in range(min(blocks, n_samples))]
 
 
+def calibration_blocks(model_dir: Path, n_samples: int, seqlen: int, dataset: str | None = None,
+                       token: str | None = None) -> tuple[str, list[list[int]]]:
+    """(where the text came from, token blocks) for a model, with its own tokenizer."""
+    from transformers import AutoTokenizer
+
+    calib = load_calibration_text(dataset or None, token=token)
+    return calib.source, calibration_samples(AutoTokenizer.from_pretrained(model_dir), calib, n_samples, seqlen)
+
+
 def _paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 

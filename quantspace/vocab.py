@@ -37,8 +37,10 @@ PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
     ("bytelevel:regex",): "gpt-2",
 }
 
+# Fetched with the weights, and copied as they are next to a transformers checkpoint (AWQ, NF4).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
 
 
 @dataclass

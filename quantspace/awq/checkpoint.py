@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..formats import copy_source_files
 from ..weights import F16_MAX
-from .engine import SourceTensors, layer_file, load_config, load_settings
+from ..convert import load_config
+from .engine import SourceTensors, layer_file, load_settings
 from .layers import LayerSpec, spec_for
 from .pack import fake_quantize, unpack_linear
 
 MAX_SHARD_BYTES = 4 * 1024**3
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales")
 
 
@@ -96,12 +95,7 @@ def write_checkpoint(model_dir: Path, state_dir: Path, out_dir: Path,
     if "dtype" in config:
         config["dtype"] = "float16"
     extra.append(_write_text(out_dir / "config.json", json.dumps(config, indent=2)))
-    for name in ("generation_config.json", *TOKENIZER_FILES):
-        if (model_dir / name).is_file():
-            tmp = out_dir / (name + ".partial")
-            shutil.copyfile(model_dir / name, tmp)
-            os.replace(tmp, out_dir / name)
-            extra.append(out_dir / name)
+    extra += copy_source_files(model_dir, out_dir)
     return weights, extra
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..convert import load_config
 from ..errors import CorruptWeightsError
 from ..weights import weight_files
 from .layers import LayerSpec, spec_for
@@ -48,10 +49,6 @@ class Settings:
     def dtype(self) -> torch.dtype:
         # CUDA: fp16, the dtype AWQ kernels run in. CPU: float32, exact and deterministic.
         return torch.float16 if self.device.startswith("cuda") else torch.float32
-
-
-def load_config(model_dir: Path) -> dict[str, Any]:
-    return json.loads((model_dir / "config.json").read_text())
 
 
 # --------------------------------------------------------------------------- state folder

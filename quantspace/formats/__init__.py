@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, TypeVar
@@ -141,6 +143,20 @@ def get_format(name: str) -> Format:
         raise BadOptionError(f"Unknown method '{name}'. Available: {', '.join(REGISTRY)}.")
     module, obj = REGISTRY[key].split(":")
     return getattr(importlib.import_module(module), obj)()
+
+
+def copy_source_files(model_dir: Path, dest: Path) -> list[Path]:
+    """The source's tokenizer files and generation config, byte for byte, into a checkpoint folder."""
+    from ..vocab import TOKENIZER_FILES
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            tmp = dest / (name + ".partial")
+            shutil.copyfile(model_dir / name, tmp)
+            os.replace(tmp, dest / name)
+            copied.append(dest / name)
+    return copied
 
 
 def pick_variants(method: str, given: list[str], known: Iterable[str], one_per_run: bool = False) -> list[str]:

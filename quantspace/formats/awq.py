@@ -66,20 +66,18 @@ class AWQ:
         return sizes
 
     def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
-        from transformers import AutoTokenizer
-
         from ..awq import engine
-        from ..calib import load_calibration_text, calibration_samples
+        from ..calib import calibration_blocks
+        from ..convert import load_config
 
         variant = variants[0]
         group = VARIANTS[variant]
-        config = engine.load_config(model_dir)
+        config = load_config(model_dir)
         check_shapes(model_dir, config, group)
         opts = ctx.options
         tick = ctx.stage("calibration")
-        calib = load_calibration_text(opts.get("calib_dataset") or None, token=ctx.token)
-        samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir), calib, int(opts["calib_samples"]),
-                                      int(opts["calib_seqlen"]))
+        calib_source, samples = calibration_blocks(model_dir, int(opts["calib_samples"]), int(opts["calib_seqlen"]),
+                                                   opts["calib_dataset"], ctx.token)
         tick(1, 1)
         settings = engine.Settings(group_size=group, n_samples=len(samples), seqlen=len(samples[0]),
                                    device=ctx.device)
@@ -92,7 +90,7 @@ class AWQ:
             if ctx.workdir is None:
                 shutil.rmtree(state, ignore_errors=True)
         self._sources[variant] = model_dir
-        details: dict[str, Any] = {"group_size": group, "calibration": calib.source,
+        details: dict[str, Any] = {"group_size": group, "calibration": calib_source,
                                    "calib_samples": len(samples), "calib_seqlen": settings.seqlen}
         return [Output(variant, tuple(weights), tuple(extra), details)]
 

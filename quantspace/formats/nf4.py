@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..archs import ARCHITECTURES, arch_of
+from ..convert import load_config
 from ..errors import BadOptionError, QuantizeError
 from ..qlora import LORA_RANK, qlora_check
 from ..report import format_size
-from ..vocab import TOKENIZER_FILES
-from . import Context, Option, Output, TensorStats, Tick, pick_variants, run_directly
+from . import Context, Option, Output, TensorStats, Tick, copy_source_files, pick_variants, run_directly
 
 if TYPE_CHECKING:
     from ..evaluate import Metrics, Reference
@@ -147,7 +147,7 @@ class NF4:
         if calibration is not None:
             source, blocks = calibration
             tick = ctx.stage("QLoRA check")
-            targets = list(arch_of(_config(model_dir))[1].lora_targets)
+            targets = list(arch_of(load_config(model_dir))[1].lora_targets)
             result = ctx.run_gpu(qlora_check, str(staging), blocks, targets, int(opts["qlora_steps"]), ctx.device)
             details["qlora"] = {**result, "calibration": source}
             tick(1, 1)
@@ -262,17 +262,10 @@ def _importable(module: str) -> bool:
 
 def _qlora_blocks(model_dir: Path, opts: dict[str, Any], token: str | None) -> tuple[str, list[list[int]]]:
     """(calibration source, token blocks): one held-out block and one per training step."""
-    from transformers import AutoTokenizer
+    from ..calib import calibration_blocks
 
-    from ..calib import calibration_samples, load_calibration_text
-
-    calib = load_calibration_text(opts["calib_dataset"] or None, token=token)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return calib.source, calibration_samples(tokenizer, calib, int(opts["qlora_steps"]) + 1, int(opts["qlora_seqlen"]))
-
-
-def _config(model_dir: Path) -> dict[str, Any]:
-    return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return calibration_blocks(model_dir, int(opts["qlora_steps"]) + 1, int(opts["qlora_seqlen"]),
+                              opts["calib_dataset"], token)
 
 
 def _check_skip_modules(model_dir: Path, names: list[str]) -> None:
@@ -283,7 +276,7 @@ def _check_skip_modules(model_dir: Path, names: list[str]) -> None:
     from ..weights import all_entries
 
     layers = {e.name.rsplit(".", 1)[0] for e in all_entries(model_dir) if len(e.shape) == 2}
-    if _config(model_dir).get("tie_word_embeddings"):
+    if load_config(model_dir).get("tie_word_embeddings"):
         layers.add("lm_head")     # tied: no tensor of its own, but a layer all the same
     try:
         unknown = [n for n in names if all(should_convert_module(layer, [n]) for layer in layers)]
@@ -298,9 +291,7 @@ def _copy_source_files(model_dir: Path, staging: Path) -> None:
     """The tokenizer and the generation config exactly as the source has them; no generation config when the
     source has none (transformers writes a default one)."""
     (staging / "generation_config.json").unlink(missing_ok=True)
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, staging / name)
+    copy_source_files(model_dir, staging)
 
 
 def _source_footprint(model_dir: Path) -> int:
