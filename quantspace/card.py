@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .report import Report, format_size
+from .report import Report, format_number, format_size
 
 if TYPE_CHECKING:
     from .formats import Format
@@ -14,24 +14,20 @@ if TYPE_CHECKING:
 QUANTIZED_BY = "QuantSpace"
 
 
-def _num(value: float | None, fmt: str) -> str:
-    return "–" if value is None else format(value, fmt)
-
-
 def metrics_table(report: Report) -> str:
     rows = ["| File | Type | Size | Bits/weight | PPL | ΔPPL | KLD | Top-1 |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     src = report.source_metrics
     if src:
-        rows.append(f"| source ({report.source}) | original | – | – | {_num(src.get('perplexity'), '.4f')} "
-                    "| – | – | – |")
+        ppl = format_number(src.get("perplexity"), ".4f")
+        rows.append(f"| source ({report.source}) | original | – | – | {ppl} | – | – | – |")
     for f in report.files:
         m = f.metrics or {}
         top1 = m.get("top1_agreement")
         rows.append(
             f"| `{f.filename}` | {f.variant} | {format_size(f.size_bytes)} | {f.bits_per_weight:.2f} "
-            f"| {_num(m.get('perplexity'), '.4f')} | {_num(m.get('delta_ppl'), '+.4f')} "
-            f"| {_num(m.get('kld_mean'), '.5f')} | {'–' if top1 is None else f'{100 * top1:.2f}%'} |"
+            f"| {format_number(m.get('perplexity'), '.4f')} | {format_number(m.get('delta_ppl'), '+.4f')} "
+            f"| {format_number(m.get('kld_mean'), '.5f')} | {'–' if top1 is None else f'{100 * top1:.2f}%'} |"
         )
     return "\n".join(rows)
 

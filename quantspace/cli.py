@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from .errors import QuantSpaceError
-from .report import format_size
+from .report import format_number, format_size
 
 
 class _Bars:
@@ -48,7 +48,7 @@ def _table(report) -> str:
         lines.append(f"{'source':<{w}} {'':>10} {'':>6} {report.source_metrics['perplexity']:>9.4f}")
     for f in report.files:
         m = f.metrics or {}
-        fmt = lambda key, spec: format(m[key], spec) if m.get(key) is not None else "–"  # noqa: E731
+        fmt = lambda key, spec: format_number(m.get(key), spec)  # noqa: E731
         top1 = f"{100 * m['top1_agreement']:.2f}%" if m.get("top1_agreement") is not None else "–"
         lines.append(f"{f.filename:<{w}} {format_size(f.size_bytes, 1):>10} {f.bits_per_weight:>6.2f} "
                      f"{fmt('perplexity', '.4f'):>9} {fmt('delta_ppl', '+.4f'):>9} {fmt('kld_mean', '.5f'):>8} "

@@ -20,6 +20,11 @@ def format_size(n: float, digits: int = 2) -> str:
     return f"{n:.{digits}f} TB"
 
 
+def format_number(value: float | None, spec: str) -> str:
+    """A metric for a table, or an en dash where it was not measured."""
+    return "–" if value is None else format(value, spec)
+
+
 @dataclass
 class FileResult:
     filename: str

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ..preflight import PreflightResult
-from ..report import format_size
+from ..report import format_number, format_size
 
 
 def _count(n: int) -> str:
@@ -78,12 +78,9 @@ def result_markdown(report: dict[str, Any]) -> str:
     lines = [head, "", "| File | Size | Bits/w | ΔPPL | KLD | Top-1 |", "|---|---:|---:|---:|---:|---:|"]
     for f in report.get("files", []):
         m = f.get("metrics") or {}
-
-        def num(key: str, fmt: str) -> str:
-            return format(m[key], fmt) if m.get(key) is not None else "–"
-
         lines.append(f"| {f['filename']} | {format_size(f['size_bytes'])} | {f['bits_per_weight']:.2f} | "
-                     f"{num('delta_ppl', '+.4f')} | {num('kld_mean', '.5f')} | {num('top1_agreement', '.1%')} |")
+                     f"{format_number(m.get('delta_ppl'), '+.4f')} | {format_number(m.get('kld_mean'), '.5f')} | "
+                     f"{format_number(m.get('top1_agreement'), '.1%')} |")
     return "\n".join(lines)
 
 
