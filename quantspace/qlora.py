@@ -43,21 +43,22 @@ def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str],
     import torch
     from bitsandbytes.nn import Linear4bit
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
     if len(blocks) < 2:
         raise QuantizeError("The QLoRA check needs at least two calibration blocks; give a longer calibration text.")
     started = time.perf_counter()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device})
+    model = load_4bit(folder, device)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    if device == "cpu":
-        # Most CPUs have no fast bf16/fp16 matmul (bitsandbytes' CPU backend emulates it, about 10x slower in
-        # the backward pass), so on the CPU the check computes in float32; the stored 4-bit weights are the same.
-        for layer in layers:
-            layer.compute_dtype = torch.float32
     if not layers:
         raise QuantizeError(f"{folder} reloaded without any 4-bit layer; the checkpoint is not a bitsandbytes 4-bit one.")
+    keep_trainable(layers)
+    if device == "cpu":
+        # bitsandbytes' CPU backend emulates bf16 matmuls (about 10x slower in the backward pass) unless the CPU
+        # has AVX512-BF16, so elsewhere the check computes in float32; the stored 4-bit weights are the same.
+        dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+        for layer in layers:
+            layer.compute_dtype = dtype
     compute_dtype = str(layers[0].compute_dtype).removeprefix("torch.")
     config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules=list(target_modules),
                         task_type="CAUSAL_LM")
@@ -76,6 +77,7 @@ def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str],
 
     loss_before = _held_loss(model, held)
     model.train()
+    _require_trainable_layout(layers)
     with_gradient: set[int] = set()
     for step in range(steps):
         batch = train[step % len(train)].unsqueeze(0)
@@ -96,6 +98,48 @@ def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str],
         lora_tensors=len(lora), lora_tensors_with_gradient=len(with_gradient),
         compute_dtype=compute_dtype, device=device, seconds=round(time.perf_counter() - started, 2),
     ).to_dict()
+
+
+def load_4bit(folder: str, device: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, device_map={"": device})
+
+
+def cpu_has_bf16() -> bool:
+    """Whether bitsandbytes finds AVX512-BF16 on this CPU (its fast bf16 path; the same test it uses itself)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def _packed(layer: Any) -> bool:
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def keep_trainable(layers: list[Any]) -> None:
+    """Keep the 4-bit layers in the layout that has a backward pass.
+
+    On an AVX512-BF16 CPU, bitsandbytes (0.50) rewrites a layer's weight, for good, into a CPU inference layout
+    the first time the layer runs in eval mode on an input without grad; that layout has no backward, so LoRA
+    layers around it lose their gradients. Switch the rewrite off for these layers and undo one already made.
+    (Evaluation loads the checkpoint on its own and keeps the fast layout.)
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+        if _packed(layer):
+            data, state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, layer.weight.quant_state)
+            layer.weight.data, layer.weight.quant_state = data, state
+            layer.quant_state = state
+
+
+def _require_trainable_layout(layers: list[Any]) -> None:
+    packed = sum(_packed(layer) for layer in layers)
+    if packed:
+        raise QuantizeError(f"{packed} of {len(layers)} 4-bit layers are in bitsandbytes' CPU inference layout, "
+                            "which cannot train; the QLoRA check would be meaningless.")
 
 
 def _held_loss(model: Any, held: Any) -> float:

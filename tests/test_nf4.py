@@ -271,3 +271,49 @@ def test_estimate_lists_each_variant(tiny_bpe, capsys):
     assert code == 0, err
     sizes = json.loads(out)["sizes"]
     assert set(sizes) == {"NF4", "FP4"} and 0 < sizes["NF4"] < (tiny_bpe / "model.safetensors").stat().st_size
+
+
+def test_qlora_check_trains_where_bitsandbytes_packs_layers_for_cpu_inference(tiny_bpe, tmp_path, monkeypatch):
+    """On an AVX512-BF16 CPU, bitsandbytes rewrites a 4-bit layer into an inference-only layout (no backward) at
+    its first eval forward without grad. Driven here on every CPU: the layers believe the CPU has the feature and
+    arrive already rewritten, as the library leaves them; the check still trains every LoRA tensor."""
+    import bitsandbytes.nn.modules as bnb_modules
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    from bitsandbytes.nn import Linear4bit
+
+    from quantspace import qlora
+    from quantspace.formats.nf4 import OPTIONS, bnb_config, quantize_folder
+
+    folder = tmp_path / "nf4"
+    quantize_folder(str(tiny_bpe), str(folder), bnb_config("NF4", {o.name: o.default for o in OPTIONS}), "cpu")
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    real_load, packed_at_load = qlora.load_4bit, []
+
+    def load_packed(path, device):
+        model = real_load(path, device)
+        for layer in (m for m in model.modules() if isinstance(m, Linear4bit)):
+            assert layer.support_avx512bf16_for_cpu
+            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                        layer.weight.quant_state)
+            packed_at_load.append(layer)
+        return model
+
+    monkeypatch.setattr(qlora, "load_4bit", load_packed)
+    blocks = [[i % 500 + 4 for i in range(s, s + 32)] for s in range(0, 160, 32)]
+    result = qlora.qlora_check(str(folder), blocks, list(PROJECTIONS), 4, "cpu")
+    assert len(packed_at_load) == 2 * len(PROJECTIONS)
+    assert not any(qlora._packed(layer) or layer.support_avx512bf16_for_cpu for layer in packed_at_load)
+    assert result["lora_tensors"] == result["lora_tensors_with_gradient"] == 2 * 2 * len(PROJECTIONS)
+    assert result["loss_after"] < result["loss_before"]
+
+
+def test_check_computes_in_bf16_only_where_the_cpu_has_it(tiny_bpe, tmp_path, monkeypatch):
+    from quantspace import qlora
+    from quantspace.formats.nf4 import OPTIONS, bnb_config, quantize_folder
+
+    folder = tmp_path / "nf4"
+    quantize_folder(str(tiny_bpe), str(folder), bnb_config("NF4", {o.name: o.default for o in OPTIONS}), "cpu")
+    blocks = [[i % 500 + 4 for i in range(s, s + 16)] for s in range(0, 48, 16)]
+    for has, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(qlora, "cpu_has_bf16", lambda has=has: has)
+        assert qlora.qlora_check(str(folder), blocks, ["q_proj"], 1, "cpu")["compute_dtype"] == dtype
