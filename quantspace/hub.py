@@ -8,13 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import AuthError, BadOptionError, PushError
+from .errors import AuthError, BadOptionError, HubUnreachableError, PushError
 from .source import REPO_ID, TransportError, unreachable
 
 
-def resolve_token(token: str | None = None) -> str | None:
-    """An explicit token, else HF_TOKEN, else the one saved by `hf auth login`."""
-    if token:
+# A token value of False means "anonymous": huggingface_hub then sends none, not even the machine's own.
+Token = str | bool | None
+
+
+def resolve_token(token: Token = None) -> Token:
+    """An explicit token; False stays anonymous (a Space visitor without a sign-in); else HF_TOKEN, else the one
+    saved by `hf auth login`."""
+    if token or token is False:
         return token
     from huggingface_hub import get_token
 
@@ -23,12 +28,15 @@ def resolve_token(token: str | None = None) -> str | None:
 
 def whoami(token: str | None) -> dict[str, Any]:
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if not token:
         raise AuthError("Pushing needs a Hub token: set HF_TOKEN or run `hf auth login` (write access).")
     try:
         return HfApi().whoami(token=token)
+    except OfflineModeIsEnabled:
+        raise HubUnreachableError("Pushing needs the Hub and HF_HUB_OFFLINE=1 is set; unset it, or leave out the "
+                                  "push target.") from None
     except TransportError as exc:
         raise unreachable(exc) from None
     except HfHubHTTPError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 from .errors import QuantSpaceError
 from .formats import get_format
 from .report import format_size
+from .source import on_space  # noqa: F401  (the UI asks here)
 
 # The longest GPU window the Space asks ZeroGPU for in one call. Longer jobs belong on a dedicated GPU.
 ZEROGPU_MAX_SECONDS = 300
@@ -60,10 +61,6 @@ class PreflightResult:
 
 def on_zero_gpu() -> bool:
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
-
-
-def on_space() -> bool:
-    return bool(os.environ.get("SPACE_ID"))
 
 
 def gpu_seconds(parameters: int) -> int:
@@ -139,7 +136,8 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
         return result
     result.architecture = info.architecture
     result.repo_name = f"{info.name}-{fmt.suffix}"
-    result.checks.append(f"Found {info.display} on the Hub; access OK." if info.repo_id
+    result.checks.append(f"Found {info.display} in the local Hub cache (the Hub cannot be reached)." if info.cached
+                         else f"Found {info.display} on the Hub; access OK." if info.repo_id
                          else f"Found the folder {info.display}.")
     result.checks.append(f"Architecture {info.architecture} is supported; tokenizer and weights are usable.")
     try:

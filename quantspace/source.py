@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError as HfGatedRepoError
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
 
 try:  # huggingface_hub 2 talks through httpx2; connection failures are its transport errors
     from httpx2 import TransportError
@@ -19,7 +21,7 @@ except ImportError:  # pragma: no cover - older huggingface_hub
 
 from .archs import arch_of
 from .errors import (AuthError, BadOptionError, GatedRepoError, HubUnreachableError, MissingFileError,
-                     PickleRefusedError, QuantSpaceError, SourceNotFoundError)
+                     PickleRefusedError, QuantSpaceError, SourceNotFoundError, TokenizerError)
 from .vocab import TOKENIZER_FILES, check_tokenizer_files
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
@@ -45,6 +47,11 @@ class SourceInfo:
         return self.repo_id.split("/")[-1] if self.repo_id else Path(self.local_dir or self.spec).name
 
     @property
+    def cached(self) -> bool:
+        """A Hub repo read from the local Hub cache because the Hub could not be asked."""
+        return self.repo_id is not None and self.local_dir is not None
+
+    @property
     def display(self) -> str:
         return self.repo_id or str(self.local_dir)
 
@@ -59,17 +66,42 @@ class SourceInfo:
 
 
 def parse_spec(spec: str) -> tuple[str, str | None] | Path:
-    """A local folder, or (repo_id, revision) from 'owner/name[@revision]'."""
+    """A local folder, or (repo_id, revision) from 'owner/name[@revision]'.
+
+    On a Space the text comes from a visitor: it names a Hub repo, never a folder on the Space's disk, unless the
+    operator listed folders in QUANTSPACE_ALLOWED_FOLDERS (see `folder_allowed`).
+    """
     spec = (spec or "").strip()
     if not spec:
         raise BadOptionError("No model given: pass a Hub repo id like 'HuggingFaceTB/SmolLM2-135M-Instruct' or a folder.")
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if folder_allowed(path) and path.is_dir():
         return path.resolve()
     repo, _, revision = spec.partition("@")
     if spec.startswith((".", "/", "~")) or not REPO_ID.match(repo):
+        if on_space():
+            raise SourceNotFoundError(f"'{spec}' is not a Hub repo id; on this Space, name a model on the Hub "
+                                      "(owner/name), not a folder.")
         raise SourceNotFoundError(f"'{spec}' is neither an existing folder nor a valid Hub repo id (owner/name).")
     return repo, (revision or None)
+
+
+def on_space() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def allowed_folders() -> list[Path]:
+    """Folders a Space's operator lets visitors name (QUANTSPACE_ALLOWED_FOLDERS, separated by os.pathsep)."""
+    value = os.environ.get("QUANTSPACE_ALLOWED_FOLDERS", "")
+    return [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p.strip()]
+
+
+def folder_allowed(path: Path) -> bool:
+    """Any folder off a Space; on a Space only one inside an operator's allowed folder (links resolved first)."""
+    if not on_space():
+        return True
+    real = path.resolve()
+    return any(real == root or real.is_relative_to(root) for root in allowed_folders())
 
 
 def _check_config(config: dict[str, Any]) -> str:
@@ -174,6 +206,10 @@ def _resolve_hub(spec: str, repo_id: str, revision: str | None, token: str | Non
         if "config.json" not in files:
             raise MissingFileError(f"{repo_id} has no config.json; it is not a transformers model repo.")
         config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token)
+    except OfflineModeIsEnabled:
+        return _resolve_cached(spec, repo_id, revision, allow_pickle, offline(repo_id))
+    except TransportError as exc:
+        return _resolve_cached(spec, repo_id, revision, allow_pickle, unreachable(exc))
     except HUB_ERRORS as exc:
         raise hub_error(exc, repo_id, revision) from None
     try:
@@ -183,6 +219,45 @@ def _resolve_hub(spec: str, repo_id: str, revision: str | None, token: str | Non
     arch = _check_config(config)
     pickled = _check_files(set(files), allow_pickle)
     return SourceInfo(spec, repo_id, info.sha, None, config, arch, files, _license(info.card_data), pickled)
+
+
+def offline(repo_id: str) -> HubUnreachableError:
+    return HubUnreachableError(f"{repo_id} is not in the local Hub cache and HF_HUB_OFFLINE=1 is set; unset it to "
+                               "download the model, or give a local folder.")
+
+
+def _resolve_cached(spec: str, repo_id: str, revision: str | None, allow_pickle: bool,
+                    why: QuantSpaceError) -> SourceInfo:
+    """The repo's copy in the local Hub cache, for when the Hub cannot be asked; raises `why` without one.
+
+    Never on a Space: its cache holds what other visitors were allowed to read, and only the Hub can say whether
+    this visitor may."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if on_space():
+        raise why
+    config_path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(config_path, str):
+        raise why
+    folder = Path(config_path).parent     # snapshots/<commit sha>
+    try:
+        info = _resolve_local(spec, folder, allow_pickle)
+        missing = sorted(set(_indexed_weights(folder)) - set(info.files))
+        if missing:
+            raise MissingFileError(f"{missing[0]} is missing")
+    except (MissingFileError, TokenizerError) as exc:
+        raise MissingFileError(f"Only part of {repo_id} is in the local Hub cache ({exc}); {why}") from None
+    return replace(info, repo_id=repo_id, revision=folder.name)
+
+
+def _indexed_weights(folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (ValueError, KeyError, TypeError):
+        raise MissingFileError(f"{index} is not a valid safetensors index.") from None
 
 
 def fetch(info: SourceInfo, token: str | None = None, cache_dir: Path | None = None,

@@ -31,11 +31,12 @@ def jobs_root() -> Path:
     return root
 
 
-def user_token(hf_token: str | None, oauth_token: str | None) -> str | None:
+def user_token(hf_token: str | None, oauth_token: str | None) -> str | bool | None:
     """The token to act with: an explicit one (API callers), else the signed-in user's.
 
-    Locally, Gradio's mocked sign-in stands for this machine's own login, so its token is used. A visitor who
-    is not signed in gets None: the Space's own token must never act for them.
+    Locally, Gradio's mocked sign-in stands for this machine's own login, so its token is used. On a Space a
+    visitor who is not signed in acts anonymously (False): the Space's own token (HF_TOKEN, a saved login) must
+    never read or write for them, and huggingface_hub would fall back to it for a token of None.
     """
     if hf_token and hf_token.strip():
         return hf_token.strip()
@@ -43,7 +44,9 @@ def user_token(hf_token: str | None, oauth_token: str | None) -> str | None:
         from ..hub import resolve_token
 
         return resolve_token(None)
-    return oauth_token or None
+    if oauth_token and oauth_token != MOCK_OAUTH_TOKEN:
+        return oauth_token
+    return False if on_space() else None
 
 
 class Cancelled(Exception):
