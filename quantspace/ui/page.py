@@ -26,10 +26,15 @@ SIGNED_OUT = ("**Not signed in.** Sign in with Hugging Face to push the results 
               "Without signing in you can still quantize, measure and download the files.")
 NO_LOCAL_LOGIN = ("**Running locally without a Hub login**, so sign-in is off: run `hf auth login` (or set "
                   "`HF_TOKEN`) and restart to push. You can still quantize local folders or public models.")
+SIGN_IN_OFF = ("**Sign-in is off**: {}. Local folders and models in the local Hub cache still work; "
+               "pushing does not.")
 CSS = """
 .gradio-container { max-width: 1200px !important; margin: auto; }
 #preflight { min-height: 3em; }
 #log textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
+/* Numbers (the right-aligned columns of every table) never wrap inside their cells. */
+.prose td[align="right"], .prose th[align="right"], .prose td[style*="right"], .prose th[style*="right"] {
+  white-space: nowrap; font-variant-numeric: tabular-nums; }
 footer { display: none !important; }
 """
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald",
@@ -41,13 +46,32 @@ def launch_kwargs() -> dict[str, Any]:
     return {"theme": THEME, "css": CSS, "allowed_paths": [str(jobs_root())], "show_error": True}
 
 
-def oauth_available() -> bool:
-    """On a Space, OAuth is real; locally Gradio mocks it with this machine's token, which must exist."""
-    if on_space():
-        return True
-    from huggingface_hub import get_token
+def sign_in_off_reason() -> str | None:
+    """None when the page can offer sign-in; else why not, in one line for the page.
 
-    return get_token() is not None
+    On a Space, OAuth is real. Locally Gradio mocks it with this machine's login and asks the Hub who that is while
+    the app starts (a failure there would stop the app), so the login is checked here first.
+    """
+    if on_space():
+        return None
+    from huggingface_hub import HfApi, constants, get_token
+
+    token = get_token()
+    if token is None:
+        return NO_LOCAL_LOGIN
+    if constants.HF_HUB_OFFLINE:
+        return SIGN_IN_OFF.format("HF_HUB_OFFLINE=1 is set")
+    try:
+        me = HfApi().whoami(token=token)
+    except Exception as exc:  # any failure only turns sign-in off; the reason is shown on the page
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return SIGN_IN_OFF.format("this machine's Hub token was rejected (expired or revoked? run "
+                                      "`hf auth login` again and restart)")
+        return SIGN_IN_OFF.format(f"the Hub at {constants.ENDPOINT} could not be reached ({type(exc).__name__})")
+    if me.get("type") != "user":
+        return SIGN_IN_OFF.format("this machine's Hub token is not a personal account's")
+    return None
 
 
 @dataclass
@@ -117,7 +141,8 @@ def _unavailable_note(tabs: list[MethodTab]) -> str:
 
 
 def build_demo() -> gr.Blocks:
-    can_sign_in = oauth_available()
+    off_reason = sign_in_off_reason()
+    can_sign_in = off_reason is None
     with gr.Blocks(title="QuantSpace", delete_cache=(3600, 3600)) as demo:
         method = gr.State("gguf" if "gguf" in REGISTRY else next(iter(REGISTRY)))
         auto_target = gr.State("")          # the last target we filled in; a user's own edit is kept
@@ -127,7 +152,7 @@ def build_demo() -> gr.Blocks:
             with gr.Column(scale=1, min_width=220):
                 if can_sign_in:
                     gr.LoginButton(size="md")
-        account = gr.Markdown(SIGNED_OUT if can_sign_in else NO_LOCAL_LOGIN, elem_id="account")
+        account = gr.Markdown(off_reason or SIGNED_OUT, elem_id="account")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 gr.Markdown("### 1 · Model")
@@ -176,7 +201,7 @@ def build_demo() -> gr.Blocks:
         # -- sign-in: who is here decides whether pushing is possible, and the default target -------------
         def on_load(profile: gr.OAuthProfile | None) -> dict:
             if profile is None:
-                return {account: SIGNED_OUT if can_sign_in else NO_LOCAL_LOGIN,
+                return {account: off_reason or SIGNED_OUT,
                         push: gr.update(value=False, interactive=False)}
             return {account: f"Signed in as **{profile.username}**: results can be pushed to your account "
                              "or your organisations.",
