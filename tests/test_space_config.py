@@ -98,13 +98,19 @@ def test_the_check_rejects_what_zerogpu_refuses():
     assert zerogpu_problems(meta, {**pinned, "gradio": "0.0.1"}) != []
 
 
-def test_the_pinned_libraries_accept_the_space_torch():
-    """transformers, accelerate, peft and bitsandbytes (as installed here, at the same pins) allow the torch the
-    Space installs, so its build resolves."""
+def test_the_pinned_libraries_accept_the_space_torch_and_python():
+    """The pinned packages (installed here at the same pins, torch aside) allow the Space's Python, and
+    transformers, accelerate, peft, bitsandbytes and spaces allow its torch, so its build resolves."""
     pinned = pins(read("requirements.txt"))
     space_torch = Version(pinned["torch"])
+    space_python = Version(str(front_matter(read("README.md"))["python_version"]))
+    for name, version in pinned.items():
+        if name == "torch":
+            continue
+        assert metadata.version(name) == version, f"{name} installed here is not the pinned version"
+        requires_python = metadata.metadata(name).get("Requires-Python")
+        assert requires_python is None or space_python in SpecifierSet(requires_python), name
     for name in ("transformers", "accelerate", "peft", "bitsandbytes", "spaces"):
-        assert metadata.version(name) == pinned[name], f"{name} installed here is not the pinned version"
         for line in metadata.requires(name) or []:
             req = Requirement(line)
             if req.name == "torch" and (req.marker is None or req.marker.evaluate({"extra": ""})):
