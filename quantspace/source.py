@@ -177,12 +177,23 @@ def unreachable(exc: Exception) -> HubUnreachableError:
     )
 
 
+def gated_error(exc: HfGatedRepoError, repo_id: str) -> GatedRepoError:
+    """A gated repo's files were refused: say where the licence is accepted, and to sign in when anonymous
+    (the Hub answers 401 without a token, 403 to an account not granted access)."""
+    page = f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
+    if getattr(exc.response, "status_code", None) == 401:
+        return GatedRepoError(f"{repo_id} is gated: sign in with Hugging Face (CLI: HF_TOKEN or `hf auth login`), "
+                              f"accept its licence at {page} with that account, then try again.")
+    return GatedRepoError(f"{repo_id} is gated and this account has not been granted access: accept its licence "
+                          f"at {page} (some authors also review requests), then try again.")
+
+
 def hub_error(exc: Exception, repo_id: str, revision: str | None) -> QuantSpaceError:
     """Our typed, one-line error for a Hub client error about the source repo."""
     if isinstance(exc, TransportError):
         return unreachable(exc)
     if isinstance(exc, HfGatedRepoError):
-        return GatedRepoError(f"{repo_id} is gated: request access on its Hub page, then try again with that account's token.")
+        return gated_error(exc, repo_id)
     if isinstance(exc, RevisionNotFoundError):
         return SourceNotFoundError(f"Revision '{revision}' does not exist in {repo_id}.")
     if isinstance(exc, RepositoryNotFoundError):

