@@ -3,7 +3,8 @@
 Every GGUF variant is made for real (one F16 intermediate per model, through the format's own produce()) on
 tiny models with all their rows a multiple of 256 (tiny_bpe, tiny_qwen2), on an odd-shaped tiny model that
 forces llama.cpp's fallbacks (hidden 160, FFN 400: Q5_0/Q5_1/Q8_0 and F16 instead of K-quants), and on the
-real SmolLM2-135M (hidden 576, tied embeddings, 30 layers) in SMOLLM2_VARIANTS.
+real SmolLM2-135M (hidden 576, tied embeddings, 30 layers). About 4 minutes on 2 busy cores, most of it SmolLM2
+(converting it twice, ten quantizations of ~5 s, and reading each file's header back).
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ from quantspace.gguf_types import choose_types, f16_tensors, model_facts
 from quantspace.source import resolve
 
 GGUF_VARIANTS = get_format("gguf").variants
-# SmolLM2 in every variant costs minutes on 2 cores; these cover each kind of rule: plain, the output/fallback
-# rules only (Q8_0, Q6_K), more_bits bumps with fallbacks (Q4_K_M, Q5_K_M), first-layers bumps (Q3_K_M, Q4_K_S),
-# the 2-bit mix (Q2_K), a legacy type (Q4_0) and our converter's own BF16.
-SMOLLM2_VARIANTS = ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
 TOLERANCE = 0.03
 
 
@@ -33,31 +30,36 @@ def _no_progress(name: str):
     return lambda done, total: None
 
 
-def odd_model(out: Path, tokenizer_from: Path) -> Path:
-    """A tiny Llama whose rows are not multiples of 256 (and FFN rows not of 32), tied embeddings, GQA 4, 16
-    layers: every fallback and every layer-dependent rule of llama.cpp's choice shows up."""
+def tiny_llama(out: Path, tokenizer_from: Path, **shape) -> Path:
+    """A random Llama of the given shape with the tokenizer of another test model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if (out / "model.safetensors").is_file():
-        return out
     out.mkdir(parents=True, exist_ok=True)
     for f in tokenizer_from.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, out / f.name)
     vocab = json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
-    config = LlamaConfig(hidden_size=160, intermediate_size=400, num_hidden_layers=16, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5)
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=512, rms_norm_eps=1e-5, **shape)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     return out
 
 
+# Rows not a multiple of 256 (FFN rows not even of 32), tied embeddings, 4 heads per KV head, 16 layers: every
+# fallback and every layer-dependent rule of llama.cpp's choice shows up.
+ODD = dict(hidden_size=160, intermediate_size=400, num_hidden_layers=16, num_attention_heads=8,
+           num_key_value_heads=2, tie_word_embeddings=True)
+# 80 layers with grouped-query attention: llama.cpp takes it for a 70B model and gives attn_v more bits.
+DEEP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=80, num_attention_heads=4,
+            num_key_value_heads=1, tie_word_embeddings=False)
+
+
 @pytest.fixture(scope="module")
 def models(tiny_bpe, tiny_qwen2, smollm2, tmp_path_factory) -> dict[str, Path]:
-    odd = odd_model(tmp_path_factory.mktemp("odd") / "tiny-odd", tiny_bpe)
-    return {"tiny_bpe": tiny_bpe, "tiny_qwen2": tiny_qwen2, "tiny_odd": odd, "smollm2": smollm2}
+    odd = tiny_llama(tmp_path_factory.mktemp("odd") / "tiny-odd", tiny_bpe, **ODD)
+    deep = tiny_llama(tmp_path_factory.mktemp("deep") / "tiny-deep", tiny_bpe, **DEEP)
+    return {"tiny_bpe": tiny_bpe, "tiny_qwen2": tiny_qwen2, "tiny_odd": odd, "tiny_deep": deep, "smollm2": smollm2}
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +68,14 @@ def made(models, tmp_path_factory) -> dict[tuple[str, str], Path]:
     fmt = get_format("gguf")
     out: dict[tuple[str, str], Path] = {}
     for key, src in models.items():
-        variants = list(SMOLLM2_VARIANTS if key == "smollm2" else GGUF_VARIANTS)
+        variants = list(GGUF_VARIANTS)
         folder = tmp_path_factory.mktemp(key)
         for o in fmt.produce(src, folder, key, variants, Context(stage=_no_progress)):
             out[key, o.variant] = o.path
     return out
 
 
-CASES = [(m, v) for m in ("tiny_bpe", "tiny_qwen2", "tiny_odd") for v in GGUF_VARIANTS] + \
-        [("smollm2", v) for v in SMOLLM2_VARIANTS]
+CASES = [(m, v) for m in ("tiny_bpe", "tiny_qwen2", "tiny_odd", "tiny_deep", "smollm2") for v in GGUF_VARIANTS]
 
 
 def _written_types(path: Path) -> dict[str, gguf.GGMLQuantizationType]:
@@ -106,12 +107,15 @@ def test_size_estimate_within_3_percent(models, made, model, variant):
                                                 f"({(est - real) / real:+.1%})"
 
 
-def test_fallbacks_are_exercised(models, made):
-    """The odd model really makes llama.cpp fall back (else the type test above would prove little)."""
+def test_the_rules_are_exercised(models, made):
+    """The test models really make llama.cpp fall back and bump (else the type test above would prove little)."""
     Q = gguf.GGMLQuantizationType
-    written = _written_types(made["tiny_odd", "Q4_K_M"])
-    kinds = set(written.values())
-    assert {Q.Q5_0, Q.Q8_0, Q.F16} <= kinds, kinds
+    odd = _written_types(made["tiny_odd", "Q4_K_M"])
+    assert {Q.Q5_0, Q.Q8_0, Q.F16} <= set(odd.values())               # Q4_K, Q6_K and no 32-block fit
+    assert odd["blk.0.attn_v.weight"] != odd["blk.3.attn_v.weight"]    # more bits in some layers only
     smol = _written_types(made["smollm2", "Q4_K_M"])
     assert Q.Q5_0 in set(smol.values()) and smol["token_embd.weight"] == Q.Q8_0
+    deep = _written_types(made["tiny_deep", "Q4_K_S"])
+    assert deep["blk.79.attn_v.weight"] == Q.Q5_1                        # 70B rule: Q5_K, which falls back
+    assert deep["blk.79.attn_k.weight"] == Q.Q5_0
 
