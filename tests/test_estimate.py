@@ -119,3 +119,15 @@ def test_the_rules_are_exercised(models, made):
     assert deep["blk.79.attn_v.weight"] == Q.Q5_1                        # 70B rule: Q5_K, which falls back
     assert deep["blk.79.attn_k.weight"] == Q.Q5_0
 
+
+
+@pytest.mark.parametrize("model", ["tiny_bpe", "smollm2"])
+def test_nf4_estimate_within_3_percent(models, model, tmp_path):
+    """The bitsandbytes 4-bit checkpoint (default options, on the CPU) is the size the estimate said."""
+    from quantspace.formats.nf4 import OPTIONS, bnb_config, quantize_folder
+
+    options = {o.name: o.default for o in OPTIONS}
+    quantize_folder(str(models[model]), str(tmp_path), bnb_config("NF4", options), "cpu")
+    real = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    est = estimate(str(models[model]), "nf4", ["NF4"]).sizes["NF4"]
+    assert abs(est - real) <= TOLERANCE * real, f"{model}: estimated {est}, wrote {real} ({(est - real) / real:+.1%})"
