@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import gguf
+
+from .archs import arch_of
+from .convert import HParams, _plan
+from .weights import TensorEntry
 
 Q = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
@@ -34,6 +39,9 @@ class ModelFacts:
     n_gqa: int = 1            # attention heads per KV head
     is_70b: bool = False      # llama.cpp's LLM_TYPE_70B (80 layers): attn_v gets more bits
 
+
+# GGUF name → (shape in PyTorch order, i.e. a row is the last dimension; type in the file)
+Tensors = dict[str, tuple[tuple[int, ...], Q]]
 
 # A layer rule's condition: (layer index i, layer count n, model) → applies?
 Cond = Callable[[int, int, ModelFacts], bool]
@@ -112,11 +120,8 @@ def fallback(t: Q, n_cols: int) -> Q:
     return t if n_cols % block_size(t) == 0 else Q.F16
 
 
-def choose_types(tensors: dict[str, tuple[tuple[int, ...], Q]], ftype: F, model: ModelFacts) -> dict[str, Q]:
-    """GGUF name → the type llama.cpp writes, for the F16 file `tensors` (name → (shape, type)) quantized to `ftype`.
-
-    Shapes are in PyTorch order (rows, columns): a row is the last dimension.
-    """
+def choose_types(tensors: Tensors, ftype: F, model: ModelFacts) -> dict[str, Q]:
+    """GGUF name → the type llama.cpp writes when it quantizes the F16 file `tensors` to `ftype`."""
     default = DEFAULT_TYPE[ftype]
     rules = LAYER_RULES.get(ftype, [])
     tied = "output.weight" not in tensors
@@ -154,12 +159,12 @@ def padded(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def tensor_info_bytes(tensors: dict[str, tuple[tuple[int, ...], Q]]) -> int:
+def tensor_info_bytes(tensors: Tensors) -> int:
     """The tensor directory of a GGUF header: name, dimensions, type and offset of each tensor."""
     return sum(8 + len(name.encode()) + 4 + 8 * len(shape) + 4 + 8 for name, (shape, _) in tensors.items())
 
 
-def file_bytes(tensors: dict[str, tuple[tuple[int, ...], Q]], types: dict[str, Q], kv_bytes: int) -> int:
+def file_bytes(tensors: Tensors, types: dict[str, Q], kv_bytes: int) -> int:
     """Size of a GGUF file: fixed header, key/values, tensor directory (padded), then each tensor padded."""
     header = 4 + 4 + 8 + 8 + kv_bytes + tensor_info_bytes(tensors)
     return padded(header) + sum(padded(tensor_bytes(shape, types[name])) for name, (shape, _) in tensors.items())
@@ -167,23 +172,14 @@ def file_bytes(tensors: dict[str, tuple[tuple[int, ...], Q]], types: dict[str, Q
 
 # --- the F16 file our converter writes, from safetensors headers and config.json only ---
 
-def f16_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], Q]]:
+def f16_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> Tensors:
     """GGUF name → (shape, type) of the F16 file convert() would write: the converter's own plan."""
-    from pathlib import Path
-
-    from .archs import arch_of
-    from .convert import HParams, _plan
-    from .weights import TensorEntry
-
     _, spec = arch_of(config)
     entries = [TensorEntry(name, "F16", tuple(shape), Path(), 0, 0) for name, shape in shapes.items()]
     return {p.name: (tuple(p.shape), Q[p.out]) for p in _plan(entries, spec, HParams.from_config(config), "F16")}
 
 
 def model_facts(config: dict[str, Any]) -> ModelFacts:
-    from .archs import arch_of
-    from .convert import HParams
-
     hp = HParams.from_config(config)
     _, spec = arch_of(config)
     # llama.cpp calls 80-layer models 70B (Llama only with grouped-query attention).

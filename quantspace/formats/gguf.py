@@ -14,6 +14,7 @@ import gguf
 
 from ..convert import convert
 from ..errors import QuantizeError
+from ..gguf_types import choose_types, f16_tensors, file_bytes, kv_bytes, model_facts
 from . import Context, Option, Output, TensorStats, Tick, pick_variants
 
 if TYPE_CHECKING:
@@ -113,19 +114,16 @@ class GGUF:
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         """The file each variant will be: llama.cpp's own per-tensor type choice, header and padding included."""
-        from ..gguf_types import choose_types, f16_tensors, file_bytes, kv_bytes, model_facts
-
         tensors = f16_tensors(stats.shapes, stats.config)
         facts = model_facts(stats.config)
         kv = kv_bytes(stats.config, stats.files)
         sizes = {}
         for v in variants:
-            ftype = VARIANTS[v].ftype
             if v in DIRECT:   # our converter: 2-D weights in the 16-bit type, the rest F32
                 wide = Q.BF16 if v == "BF16" else Q.F16
                 types = {n: wide if t == Q.F16 else t for n, (_, t) in tensors.items()}
             else:
-                types = choose_types(tensors, ftype, facts)
+                types = choose_types(tensors, VARIANTS[v].ftype, facts)
             sizes[v] = file_bytes(tensors, types, kv)
         return sizes
 
