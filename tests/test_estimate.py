@@ -131,3 +131,15 @@ def test_nf4_estimate_within_3_percent(models, model, tmp_path):
     real = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
     est = estimate(str(models[model]), "nf4", ["NF4"]).sizes["NF4"]
     assert abs(est - real) <= TOLERANCE * real, f"{model}: estimated {est}, wrote {real} ({(est - real) / real:+.1%})"
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen2", "tiny_odd"])
+def test_hub_estimate_equals_local_estimate(hub, models, model, tmp_path):
+    """From the Hub (headers, config and file sizes only, no weights fetched) the sizes are the same as from the
+    folder, so the 3% above holds before any download too."""
+    for method in ("gguf", "nf4"):
+        hub.create_repo(f"quantorg/{model}-{method}")
+        hub.upload_folder(f"quantorg/{model}-{method}", models[model])
+        remote = estimate(f"quantorg/{model}-{method}", method)
+        assert remote.sizes == estimate(str(models[model]), method).sizes
+    assert not list((tmp_path / "hf_home").rglob("*.safetensors"))   # the client side fetched no weights
