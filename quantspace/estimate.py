@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from .errors import BadOptionError
@@ -21,12 +20,6 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _stats_from_shapes(shapes: dict[str, tuple[int, ...]]) -> TensorStats:
-    matrices = {name: math.prod(shape) for name, shape in shapes.items() if len(shape) >= 2}
-    vectors = sum(math.prod(shape) for shape in shapes.values() if len(shape) < 2)
-    return TensorStats(matrices, vectors)
 
 
 def tensor_shapes(info: SourceInfo, token: str | None) -> dict[str, tuple[int, ...]]:
@@ -51,5 +44,5 @@ def estimate(source: str, method: str = "gguf", variants: list[str] | None = Non
     # Without a choice, every variant (a method may allow only one per run, but all can be estimated).
     chosen = fmt.check_variants(variants) if variants else list(fmt.variants)
     info = info or resolve(source, token=token)
-    stats = _stats_from_shapes(tensor_shapes(info, token))
+    stats = TensorStats(tensor_shapes(info, token), info.config, info.files)
     return Estimate(info.display, info.architecture, stats.total, info.weight_bytes, fmt.estimate(stats, chosen))

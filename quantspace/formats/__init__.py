@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -51,9 +52,20 @@ class Output:
 
 @dataclass(frozen=True)
 class TensorStats:
-    """What size estimates need, read from safetensors headers."""
-    matrix_params: dict[str, int]   # HF tensor name → element count, 2-D weights
-    vector_params: int              # 1-D tensors (norms, biases)
+    """What size estimates need, known before any weight download: safetensors headers, config, file sizes."""
+    shapes: dict[str, tuple[int, ...]]                            # HF tensor name → shape
+    config: dict[str, Any] = field(default_factory=dict)          # the source's config.json
+    files: dict[str, int | None] = field(default_factory=dict)    # source file name → bytes (tokenizer files...)
+
+    @property
+    def matrix_params(self) -> dict[str, int]:
+        """HF tensor name → element count, 2-D (and larger) weights."""
+        return {name: math.prod(s) for name, s in self.shapes.items() if len(s) >= 2}
+
+    @property
+    def vector_params(self) -> int:
+        """Elements of 1-D tensors (norms, biases)."""
+        return sum(math.prod(s) for s in self.shapes.values() if len(s) < 2)
 
     @property
     def total(self) -> int:

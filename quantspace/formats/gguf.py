@@ -14,6 +14,7 @@ import gguf
 
 from ..convert import convert
 from ..errors import QuantizeError
+from ..gguf_types import choose_types, f16_tensors, file_bytes, kv_bytes, model_facts
 from . import Context, Option, Output, TensorStats, Tick, pick_variants
 
 if TYPE_CHECKING:
@@ -25,36 +26,27 @@ Q = gguf.GGMLQuantizationType
 
 @dataclass(frozen=True)
 class Variant:
-    """A llama.cpp file type, and the tensor types it mostly uses (for size estimates only)."""
+    """A llama.cpp file type; which tensor gets which type is in gguf_types (for size estimates)."""
     ftype: gguf.LlamaFileType
-    base: Q                       # most 2-D weights
-    output: Q                     # output / tied embedding matrix
-    upgraded: Q | None = None     # some layers of attn_v / ffn_down get a larger type...
-    upgraded_share: float = 0.0   # ...in about this share of layers
     summary: str = ""
 
 
-_UP = ("v_proj", "down_proj")
+F = gguf.LlamaFileType
 VARIANTS: dict[str, Variant] = {
-    "F16": Variant(gguf.LlamaFileType.MOSTLY_F16, Q.F16, Q.F16, summary="16-bit, reference quality"),
-    "BF16": Variant(gguf.LlamaFileType.MOSTLY_BF16, Q.BF16, Q.BF16, summary="bfloat16, lossless for bf16 models"),
-    "Q8_0": Variant(gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0, Q.Q8_0, summary="8-bit, near lossless"),
-    "Q6_K": Variant(gguf.LlamaFileType.MOSTLY_Q6_K, Q.Q6_K, Q.Q6_K, summary="6-bit, very close to F16"),
-    "Q5_K_M": Variant(gguf.LlamaFileType.MOSTLY_Q5_K_M, Q.Q5_K, Q.Q6_K, Q.Q6_K, 0.5, "5-bit, high quality"),
-    "Q5_K_S": Variant(gguf.LlamaFileType.MOSTLY_Q5_K_S, Q.Q5_K, Q.Q6_K, summary="5-bit, a little smaller"),
-    "Q4_K_M": Variant(gguf.LlamaFileType.MOSTLY_Q4_K_M, Q.Q4_K, Q.Q6_K, Q.Q6_K, 0.5, "4-bit, the usual choice"),
-    "Q4_K_S": Variant(gguf.LlamaFileType.MOSTLY_Q4_K_S, Q.Q4_K, Q.Q6_K, summary="4-bit, smaller"),
-    "Q4_0": Variant(gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_0, Q.Q6_K, summary="4-bit legacy, fast on ARM"),
-    "Q3_K_M": Variant(gguf.LlamaFileType.MOSTLY_Q3_K_M, Q.Q3_K, Q.Q6_K, Q.Q4_K, 1.0, "3-bit, noticeable loss"),
-    "Q3_K_S": Variant(gguf.LlamaFileType.MOSTLY_Q3_K_S, Q.Q3_K, Q.Q6_K, summary="3-bit, smaller, more loss"),
-    "Q2_K": Variant(gguf.LlamaFileType.MOSTLY_Q2_K, Q.Q2_K, Q.Q6_K, Q.Q3_K, 1.0, "2-bit, large loss"),
+    "F16": Variant(F.MOSTLY_F16, "16-bit, reference quality"),
+    "BF16": Variant(F.MOSTLY_BF16, "bfloat16, lossless for bf16 models"),
+    "Q8_0": Variant(F.MOSTLY_Q8_0, "8-bit, near lossless"),
+    "Q6_K": Variant(F.MOSTLY_Q6_K, "6-bit, very close to F16"),
+    "Q5_K_M": Variant(F.MOSTLY_Q5_K_M, "5-bit, high quality"),
+    "Q5_K_S": Variant(F.MOSTLY_Q5_K_S, "5-bit, a little smaller"),
+    "Q4_K_M": Variant(F.MOSTLY_Q4_K_M, "4-bit, the usual choice"),
+    "Q4_K_S": Variant(F.MOSTLY_Q4_K_S, "4-bit, smaller"),
+    "Q4_0": Variant(F.MOSTLY_Q4_0, "4-bit legacy, fast on ARM"),
+    "Q3_K_M": Variant(F.MOSTLY_Q3_K_M, "3-bit, noticeable loss"),
+    "Q3_K_S": Variant(F.MOSTLY_Q3_K_S, "3-bit, smaller, more loss"),
+    "Q2_K": Variant(F.MOSTLY_Q2_K, "2-bit, large loss"),
 }
 DIRECT = {"F16": "F16", "BF16": "BF16"}   # variants our converter writes itself
-
-
-def type_bits(t: Q) -> float:
-    block, size = gguf.GGML_QUANT_SIZES[t]
-    return 8.0 * size / block
 
 
 @contextlib.contextmanager
@@ -121,22 +113,18 @@ class GGUF:
         return pick_variants("GGUF", variants, VARIANTS)
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
-        tied = not any(n.endswith("lm_head.weight") for n in stats.matrix_params)
-        upgradable = tuple(s + ".weight" for s in _UP)
+        """The file each variant will be: llama.cpp's own per-tensor type choice, header and padding included."""
+        tensors = f16_tensors(stats.shapes, stats.config)
+        facts = model_facts(stats.config)
+        kv = kv_bytes(stats.config, stats.files)
         sizes = {}
         for v in variants:
-            spec = VARIANTS[v]
-            bits = stats.vector_params * 32.0   # norms and biases stay F32
-            for name, n in stats.matrix_params.items():
-                # llama.cpp keeps the output matrix (or the tied embedding serving as it) in a larger type.
-                if name.endswith("lm_head.weight") or (tied and name.endswith("embed_tokens.weight")):
-                    bits += n * type_bits(spec.output)
-                elif spec.upgraded is not None and name.endswith(upgradable):
-                    share = spec.upgraded_share
-                    bits += n * (share * type_bits(spec.upgraded) + (1 - share) * type_bits(spec.base))
-                else:
-                    bits += n * type_bits(spec.base)
-            sizes[v] = int(bits / 8)
+            if v in DIRECT:   # our converter: 2-D weights in the 16-bit type, the rest F32
+                wide = Q.BF16 if v == "BF16" else Q.F16
+                types = {n: wide if t == Q.F16 else t for n, (_, t) in tensors.items()}
+            else:
+                types = choose_types(tensors, VARIANTS[v].ftype, facts)
+            sizes[v] = file_bytes(tensors, types, kv)
         return sizes
 
     def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:

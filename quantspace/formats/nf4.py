@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 VARIANTS = {"NF4": "nf4", "FP4": "fp4"}    # variant → bnb_4bit_quant_type
 BLOCK = 64                                  # bitsandbytes' 4-bit block size (one absmax per block)
+# Per 4-bit layer beyond its data: the 256- and 16-entry fp32 code tables, the quant state, header entries.
+LAYER_EXTRA_BYTES = 2000
+TENSOR_HEADER_BYTES = 110                   # a tensor's entry in the safetensors JSON header
 
 OPTIONS = (
     Option("double_quant", True, "quantize the 4-bit blocks' scales again (saves about 0.4 bits per weight)",
@@ -114,11 +117,14 @@ class NF4:
         return pick_variants(self.name.upper(), variants, VARIANTS, one_per_run=True)
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
-        # 4 bits per quantized weight + one 8-bit absmax per block (double quant, the default); embeddings,
-        # lm_head and 1-D tensors stay 16-bit.
-        four_bit = sum(n for name, n in stats.matrix_params.items() if not _stays_16bit(name))
-        sixteen = stats.total - four_bit
-        size = int(four_bit * (4 + 8 / BLOCK) / 8 + 2 * sixteen)
+        # With the default options (double quant, lm_head kept): 4 bits per quantized weight, one 8-bit absmax per
+        # block and one fp32 absmax per 256 blocks, plus per layer its code tables and quant state (~2 KB with
+        # the safetensors header entries). Embeddings, lm_head and 1-D tensors stay 16-bit. Without double
+        # quant the file is about 4% larger (an fp32 absmax per block).
+        quantized = [n for name, n in stats.matrix_params.items() if not _stays_16bit(name)]
+        sixteen = stats.total - sum(quantized)
+        size = sum(n // 2 + n // BLOCK + 4 * -(-n // (BLOCK * 256)) + LAYER_EXTRA_BYTES for n in quantized)
+        size += 2 * sixteen + TENSOR_HEADER_BYTES * (len(stats.shapes) - len(quantized))
         return {v: size for v in variants}
 
     def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:

@@ -1,0 +1,145 @@
+"""Size estimates against the files llama.cpp really writes: per-tensor types first, then whole-file sizes.
+
+Every GGUF variant is made for real (one F16 intermediate per model, through the format's own produce()) on
+tiny models with all their rows a multiple of 256 (tiny_bpe, tiny_qwen2), on an odd-shaped tiny model that
+forces llama.cpp's fallbacks (hidden 160, FFN 400: Q5_0/Q5_1/Q8_0 and F16 instead of K-quants), and on the
+real SmolLM2-135M (hidden 576, tied embeddings, 30 layers). About 4 minutes on 2 busy cores, most of it SmolLM2
+(converting it twice, ten quantizations of ~5 s, and reading each file's header back).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import pytest
+
+from quantspace.estimate import estimate, tensor_shapes
+from quantspace.formats import Context, get_format
+from quantspace.formats.gguf import VARIANTS
+from quantspace.gguf_types import choose_types, f16_tensors, model_facts
+from quantspace.source import resolve
+
+GGUF_VARIANTS = get_format("gguf").variants
+TOLERANCE = 0.03
+
+
+def _no_progress(name: str):
+    return lambda done, total: None
+
+
+def tiny_llama(out: Path, tokenizer_from: Path, **shape) -> Path:
+    """A random Llama of the given shape with the tokenizer of another test model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    vocab = json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=512, rms_norm_eps=1e-5, **shape)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+# Rows not a multiple of 256 (FFN rows not even of 32), tied embeddings, 4 heads per KV head, 16 layers: every
+# fallback and every layer-dependent rule of llama.cpp's choice shows up.
+ODD = dict(hidden_size=160, intermediate_size=400, num_hidden_layers=16, num_attention_heads=8,
+           num_key_value_heads=2, tie_word_embeddings=True)
+# 80 layers with grouped-query attention: llama.cpp takes it for a 70B model and gives attn_v more bits.
+DEEP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=80, num_attention_heads=4,
+            num_key_value_heads=1, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_bpe, tiny_qwen2, smollm2, tmp_path_factory) -> dict[str, Path]:
+    odd = tiny_llama(tmp_path_factory.mktemp("odd") / "tiny-odd", tiny_bpe, **ODD)
+    deep = tiny_llama(tmp_path_factory.mktemp("deep") / "tiny-deep", tiny_bpe, **DEEP)
+    return {"tiny_bpe": tiny_bpe, "tiny_qwen2": tiny_qwen2, "tiny_odd": odd, "tiny_deep": deep, "smollm2": smollm2}
+
+
+@pytest.fixture(scope="module")
+def made(models, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """(model, variant) → the file the product wrote; one produce() call per model shares its F16 file."""
+    fmt = get_format("gguf")
+    out: dict[tuple[str, str], Path] = {}
+    for key, src in models.items():
+        variants = list(GGUF_VARIANTS)
+        folder = tmp_path_factory.mktemp(key)
+        for o in fmt.produce(src, folder, key, variants, Context(stage=_no_progress)):
+            out[key, o.variant] = o.path
+    return out
+
+
+CASES = [(m, v) for m in ("tiny_bpe", "tiny_qwen2", "tiny_odd", "tiny_deep", "smollm2") for v in GGUF_VARIANTS]
+
+
+def _written_types(path: Path) -> dict[str, gguf.GGMLQuantizationType]:
+    return {t.name: gguf.GGMLQuantizationType(t.tensor_type) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("model,variant", CASES)
+def test_predicted_types_are_what_llama_cpp_wrote(models, made, model, variant):
+    """Tensor by tensor, the type we predict from safetensors headers + config is the one in the file."""
+    info = resolve(str(models[model]))
+    tensors = f16_tensors(tensor_shapes(info, None), info.config)
+    if variant in ("F16", "BF16"):
+        wide = gguf.GGMLQuantizationType[variant]
+        predicted = {n: wide if t == gguf.GGMLQuantizationType.F16 else t for n, (_, t) in tensors.items()}
+    else:
+        predicted = choose_types(tensors, VARIANTS[variant].ftype, model_facts(info.config))
+    written = _written_types(made[model, variant])
+    assert set(predicted) == set(written)
+    wrong = {n: (predicted[n].name, written[n].name) for n in written if predicted[n] != written[n]}
+    assert not wrong, f"{model} {variant}: predicted vs written {wrong}"
+
+
+@pytest.mark.parametrize("model,variant", CASES)
+def test_size_estimate_within_3_percent(models, made, model, variant):
+    """The estimate a user sees before any download is within 3% of the file llama.cpp writes."""
+    est = estimate(str(models[model]), "gguf", [variant]).sizes[variant]
+    real = made[model, variant].stat().st_size
+    assert abs(est - real) <= TOLERANCE * real, f"{model} {variant}: estimated {est}, wrote {real} " \
+                                                f"({(est - real) / real:+.1%})"
+
+
+def test_the_rules_are_exercised(models, made):
+    """The test models really make llama.cpp fall back and bump (else the type test above would prove little)."""
+    Q = gguf.GGMLQuantizationType
+    odd = _written_types(made["tiny_odd", "Q4_K_M"])
+    assert {Q.Q5_0, Q.Q8_0, Q.F16} <= set(odd.values())               # Q4_K, Q6_K and no 32-block fit
+    assert odd["blk.0.attn_v.weight"] != odd["blk.3.attn_v.weight"]    # more bits in some layers only
+    smol = _written_types(made["smollm2", "Q4_K_M"])
+    assert Q.Q5_0 in set(smol.values()) and smol["token_embd.weight"] == Q.Q8_0
+    deep = _written_types(made["tiny_deep", "Q4_K_S"])
+    assert deep["blk.79.attn_v.weight"] == Q.Q5_1                        # 70B rule: Q5_K, which falls back
+    assert deep["blk.79.attn_k.weight"] == Q.Q5_0
+
+
+
+@pytest.mark.parametrize("model", ["tiny_bpe", "smollm2"])
+def test_nf4_estimate_within_3_percent(models, model, tmp_path):
+    """The bitsandbytes 4-bit checkpoint (default options, on the CPU) is the size the estimate said."""
+    from quantspace.formats.nf4 import OPTIONS, bnb_config, quantize_folder
+
+    options = {o.name: o.default for o in OPTIONS}
+    quantize_folder(str(models[model]), str(tmp_path), bnb_config("NF4", options), "cpu")
+    real = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    est = estimate(str(models[model]), "nf4", ["NF4"]).sizes["NF4"]
+    assert abs(est - real) <= TOLERANCE * real, f"{model}: estimated {est}, wrote {real} ({(est - real) / real:+.1%})"
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen2", "tiny_odd"])
+def test_hub_estimate_equals_local_estimate(hub, models, model, tmp_path):
+    """From the Hub (headers, config and file sizes only, no weights fetched) the sizes are the same as from the
+    folder, so the 3% above holds before any download too."""
+    for method in ("gguf", "nf4"):
+        hub.create_repo(f"quantorg/{model}-{method}")
+        hub.upload_folder(f"quantorg/{model}-{method}", models[model])
+        remote = estimate(f"quantorg/{model}-{method}", method)
+        assert remote.sizes == estimate(str(models[model]), method).sizes
+    assert not list((tmp_path / "hf_home").rglob("*.safetensors"))   # the client side fetched no weights
