@@ -144,9 +144,10 @@ class _Planned:
         return math.prod(self.shape) * (4 if self.out == "F32" else 2)
 
 
-def _plan(entries: list[TensorEntry], spec: ArchSpec, hp: HParams, out_type: str) -> list[_Planned]:
+def plan(entries: list[TensorEntry], spec: ArchSpec, hp: HParams, out_type: str) -> list[_Planned]:
+    """Every GGUF tensor the converter writes: name, shape and type (the size estimate reads it too)."""
     names = gguf.get_tensor_name_map(spec.gguf_arch, hp.n_layer)
-    plan = []
+    planned = []
     for e in entries:
         if e.name.endswith(spec.skip_suffixes):
             continue
@@ -160,12 +161,12 @@ def _plan(entries: list[TensorEntry], spec: ArchSpec, hp: HParams, out_type: str
             heads = hp.n_head_kv
         # Norms and biases are tiny and precision-sensitive: llama.cpp keeps them in F32.
         out = "F32" if len(e.shape) == 1 or out_type == "F32" else out_type
-        plan.append(_Planned(e, mapped, e.shape, out, heads))
+        planned.append(_Planned(e, mapped, e.shape, out, heads))
     factors = llama3_rope_factors(hp)
     if factors is not None:
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        plan.append(_Planned(None, name, factors.shape, "F32", data=factors))
-    return plan
+        planned.append(_Planned(None, name, factors.shape, "F32", data=factors))
+    return planned
 
 
 def _materialise(p: _Planned) -> np.ndarray:
@@ -185,8 +186,8 @@ def convert(model_dir: Path, out_path: Path, *, out_type: str = "F16", name: str
     _, spec = arch_of(config)
     hp = HParams.from_config(config)
     entries = all_entries(model_dir)
-    plan = _plan(entries, spec, hp, out_type)
-    embed = next((p for p in plan if p.name == "token_embd.weight"), None)
+    planned = plan(entries, spec, hp, out_type)
+    embed = next((p for p in planned if p.name == "token_embd.weight"), None)
     if embed is None:
         raise CorruptWeightsError("The checkpoint has no token embedding tensor; it is incomplete.")
     vocab = load_vocab(model_dir, n_vocab=embed.shape[0])
@@ -196,15 +197,15 @@ def convert(model_dir: Path, out_path: Path, *, out_type: str = "F16", name: str
     try:
         _write_hparams(writer, hp, len(vocab.tokens), name or model_dir.name, int(OUT_TYPES[out_type]))
         vocab.write(writer)
-        for p in plan:
+        for p in planned:
             dtype = np.uint16 if p.out == "BF16" else np.dtype(np.float16 if p.out == "F16" else np.float32)
             raw = gguf.GGMLQuantizationType.BF16 if p.out == "BF16" else None
             writer.add_tensor_info(p.name, p.shape, dtype, p.nbytes, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        total, done = sum(p.nbytes for p in plan), 0
-        for p in plan:
+        total, done = sum(p.nbytes for p in planned), 0
+        for p in planned:
             writer.write_tensor_data(_materialise(p))
             done += p.nbytes
             if progress:

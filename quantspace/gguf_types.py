@@ -17,7 +17,7 @@ from typing import Any, Callable
 import gguf
 
 from .archs import arch_of
-from .convert import HParams, _plan
+from .convert import HParams, plan
 from .weights import TensorEntry
 
 Q = gguf.GGMLQuantizationType
@@ -176,7 +176,7 @@ def f16_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> T
     """GGUF name → (shape, type) of the F16 file convert() would write: the converter's own plan."""
     _, spec = arch_of(config)
     entries = [TensorEntry(name, "F16", tuple(shape), Path(), 0, 0) for name, shape in shapes.items()]
-    return {p.name: (tuple(p.shape), Q[p.out]) for p in _plan(entries, spec, HParams.from_config(config), "F16")}
+    return {p.name: (tuple(p.shape), Q[p.out]) for p in plan(entries, spec, HParams.from_config(config), "F16")}
 
 
 def model_facts(config: dict[str, Any]) -> ModelFacts:
