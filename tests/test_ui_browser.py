@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -144,7 +145,8 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     page.screenshot(path=str(ARTIFACTS / "result.png"), full_page=True)
 
     assert {"tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf", "quantspace.json"} <= set(hub.files("alice/tiny-llama-GGUF"))
-    assert not list(jobs.iterdir())
+    # Pushed: the job keeps only its report for download until its retention ends, no weights.
+    assert {p.name for p in jobs.rglob("*") if p.is_file()} == {"quantspace.json"}
 
     # Not pushed: the files themselves are offered for download (copied out before the job folder goes).
     page.locator("#push input").uncheck()
@@ -158,7 +160,58 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     assert set(links) == {"quantspace.json", "tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf"}
     with urllib.request.urlopen(urllib.parse.urljoin(url, links["tiny-llama-Q8_0.gguf"])) as r:
         assert r.read(4) == b"GGUF"
-    assert not list(jobs.iterdir())
+    assert "tiny-llama-Q8_0.gguf" in {p.name for p in jobs.rglob("*")}   # kept for the job's link
+    # The job folder itself is never served by path.
+    job_file = next(jobs.rglob("tiny-llama-Q8_0.gguf"))
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(urllib.parse.urljoin(url, f"gradio_api/file={job_file}"))
+
+    # The job's link reopens it, signed in as alice, in another tab: the result and the files again.
+    job_url = urllib.parse.urljoin(url, page.locator("#job-link a").first.get_attribute("href"))
+    assert "?job=" in job_url
+    again = page.context.new_page()
+    again.goto(job_url)
+    expect(again.locator("#result")).to_contain_text("Done (not pushed)")
+    expect(again.locator("#log textarea")).to_have_value(re.compile(r"quantize Q8_0.*finished", re.S))
+    names = {a.get_attribute("href").rsplit("/", 1)[-1] for a in again.locator("#files a").all()}
+    assert names == set(links)
+    again.screenshot(path=str(ARTIFACTS / "job-reopened.png"), full_page=True)
+    # A visitor who is not alice (a fresh browser, signed out) learns nothing about it.
+    stranger = browser.new_page()
+    stranger.goto(job_url)
+    expect(stranger.locator("#job-link")).to_contain_text("No job with this id is visible to you")
+    expect(stranger.locator("#result")).not_to_contain_text("Done")
+    assert not stranger.locator("#files a").count()
+
+
+def test_a_job_goes_on_after_its_tab_closes(app_url, browser):
+    from playwright.sync_api import expect
+
+    url, hub, _, _ = app_url
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
+    expect(page.get_by_text("Signed in as alice")).to_be_visible()
+    model = page.locator("#model textarea, #model input").first
+    model.fill(TINY)
+    model.press("Enter")
+    expect(page.locator("#preflight")).to_contain_text("Ready.")
+    target = page.locator("#target input, #target textarea").first
+    target.fill("alice/closed-tab-GGUF")
+    target.blur()
+    expect(page.locator("#preflight")).to_contain_text("Ready.")
+    page.locator("#run").click()
+    expect(page.locator("#log textarea")).to_have_value(re.compile(r"download|convert"), timeout=120_000)
+    job_url = urllib.parse.urljoin(url, page.locator("#job-link a").first.get_attribute("href"))
+    page.close()                                    # the tab goes away mid-run
+    again = context.new_page()
+    again.set_default_timeout(240_000)
+    again.goto(job_url)
+    expect(again.locator("#result")).to_contain_text("Pushed to alice/closed-tab-GGUF")
+    assert "tiny-llama-Q8_0.gguf" in hub.files("alice/closed-tab-GGUF")
+    context.close()
 
 
 def test_the_page_caused_no_server_errors(app_url):
