@@ -92,13 +92,15 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
 
     url, hub, jobs, _ = app_url
     ARTIFACTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})   # one visitor, several tabs
+    page = context.new_page()
     page.set_default_timeout(60_000)
     page.goto(url)
     expect(page.get_by_text("Not signed in.")).to_be_visible()
     expect(page.locator("#push input")).to_be_disabled()          # signed out: nothing can be pushed
     page.locator("#run").click()                                   # no model given: a readable error
-    expect(page.get_by_text("No model given").first).to_be_visible()
+    # The first job imports the pipeline (torch...): seconds on a busy machine.
+    expect(page.get_by_text("No model given").first).to_be_visible(timeout=60_000)
 
     page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
     expect(page.get_by_text("Signed in as alice")).to_be_visible()
@@ -169,10 +171,12 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     # The job's link reopens it, signed in as alice, in another tab: the result and the files again.
     job_url = urllib.parse.urljoin(url, page.locator("#job-link a").first.get_attribute("href"))
     assert "?job=" in job_url
-    again = page.context.new_page()
+    again = context.new_page()
+    again.set_default_timeout(60_000)
     again.goto(job_url)
     expect(again.locator("#result")).to_contain_text("Done (not pushed)")
     expect(again.locator("#log textarea")).to_have_value(re.compile(r"quantize Q8_0.*finished", re.S))
+    expect(again.locator("#files a")).to_have_count(len(links))
     names = {a.get_attribute("href").rsplit("/", 1)[-1] for a in again.locator("#files a").all()}
     assert names == set(links)
     again.screenshot(path=str(ARTIFACTS / "job-reopened.png"), full_page=True)
@@ -182,6 +186,8 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     expect(stranger.locator("#job-link")).to_contain_text("No job with this id is visible to you")
     expect(stranger.locator("#result")).not_to_contain_text("Done")
     assert not stranger.locator("#files a").count()
+    stranger.close()
+    context.close()
 
 
 def test_a_job_goes_on_after_its_tab_closes(app_url, browser):
@@ -207,9 +213,10 @@ def test_a_job_goes_on_after_its_tab_closes(app_url, browser):
     job_url = urllib.parse.urljoin(url, page.locator("#job-link a").first.get_attribute("href"))
     page.close()                                    # the tab goes away mid-run
     again = context.new_page()
-    again.set_default_timeout(240_000)
+    again.set_default_timeout(60_000)
     again.goto(job_url)
-    expect(again.locator("#result")).to_contain_text("Pushed to alice/closed-tab-GGUF")
+    expect(again.locator("#result")).to_contain_text("Pushed to alice/closed-tab-GGUF", timeout=240_000)
+    expect(again.locator("#log textarea")).to_have_value(re.compile(r"download.*upload done.*finished", re.S))
     assert "tiny-llama-Q8_0.gguf" in hub.files("alice/closed-tab-GGUF")
     context.close()
 
