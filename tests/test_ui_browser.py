@@ -150,7 +150,7 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     # Pushed: the job keeps only its report for download until its retention ends, no weights.
     assert {p.name for p in jobs.rglob("*") if p.is_file()} == {"quantspace.json"}
 
-    # Not pushed: the files themselves are offered for download (copied out before the job folder goes).
+    # Not pushed: the files themselves are offered for download (Gradio serves its own copies).
     page.locator("#push input").uncheck()
     page.locator("#evaluate input").uncheck()
     expect(preflight).to_contain_text("Ready.")

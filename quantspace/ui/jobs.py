@@ -380,13 +380,28 @@ def _keep_only(folder: Path, keep: set[Path]) -> None:
 class Registry:
     """Every job of this process by id, whoever started it and whether or not anyone still watches it."""
 
-    def __init__(self, lane: Lane = LANE):
+    def __init__(self, lane: Lane = LANE, sweep_every: float | None = None):
         self._lane = lane
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._sweep_every = sweep_every       # also sweep in the background, so an idle server frees its disk
+        self._sweeper: threading.Thread | None = None
+
+    def _sweep_forever(self) -> None:
+        assert self._sweep_every is not None
+        while True:
+            time.sleep(self._sweep_every)
+            try:
+                self.sweep()
+            except Exception:  # a folder that cannot be read now is tried again next time
+                pass
 
     def start(self, spec: JobSpec, token: str | None, owner: str | None, session: str | None = None) -> Job:
         self.sweep()
+        with self._lock:
+            if self._sweep_every and self._sweeper is None:
+                self._sweeper = threading.Thread(target=self._sweep_forever, name="quantspace-sweep", daemon=True)
+                self._sweeper.start()
         with self._lock:
             queued = sum(1 for j in self._jobs.values() if j.state == "queued")
         if queued >= max_queued():
@@ -421,11 +436,6 @@ class Registry:
             job.cancel()
         return bool(jobs)
 
-    def of(self, user: str) -> list[Job]:
-        """A signed-in user's jobs, newest first."""
-        with self._lock:
-            return [j for j in reversed(self._jobs.values()) if j.owner is not None and j.owner == user]
-
     def sweep(self, now: float | None = None) -> list[str]:
         """Remove jobs that ended more than the retention time ago (their folders too), and folders no job
         of this process owns that are older than that (left by an earlier run). Returns the removed ids."""
@@ -449,4 +459,4 @@ class Registry:
         return [j.id for j in gone]
 
 
-REGISTRY = Registry()
+REGISTRY = Registry(sweep_every=600)
