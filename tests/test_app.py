@@ -297,3 +297,21 @@ def test_results_are_removed_after_the_retention_time(served, monkeypatch):
     with pytest.raises(AppError, match="No job with this id"):
         client.predict(started["job_id"], "", api_name="/job_status")   # the sweep runs on every status call
     assert not (served.files_left() & offered)
+
+
+def test_detached_jobs_still_run_one_at_a_time(served):
+    client = served.client()
+    before = served.jobs_left()
+    many = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+    first = client.predict(TINY, "gguf", many, {}, "", False, True, "", api_name="/start_job")["job_id"]
+    poll_status(client, first, "", lambda s: s["state"] == "running")
+    second = served.client().predict(TINY, "gguf", ["Q8_0"], {}, "", False, False, "", api_name="/start_job")
+    assert second["state"] == "queued"
+    waiting = poll_status(client, second["job_id"], "", lambda s: s["jobs_ahead"] == 1)[-1]
+    assert waiting["state"] == "queued" and "waiting for its turn: 1 job ahead" in waiting["log"][-1]
+    assert client.predict(first, "", api_name="/job_status")["state"] == "running"
+    client.predict(first, "", api_name="/cancel_job")
+    final = poll_status(client, second["job_id"], "", lambda s: s["state"] not in ("queued", "running"))[-1]
+    assert final["state"] == "finished"
+    assert client.predict(first, "", api_name="/job_status")["state"] == "cancelled"
+    assert len(set(served.jobs_left()) - set(before)) == 1      # the finished one keeps its files a while

@@ -9,6 +9,7 @@ A job that has ended keeps its log and result (report, card, downloadable files)
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import os
@@ -19,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 from ..errors import AuthError, QuantSpaceError
 from ..formats import run_directly
@@ -326,6 +327,19 @@ class Job:
             yield snap
             if snap.state in ENDED:
                 return
+
+    async def watch(self, poll: float = 0.5) -> AsyncIterator[Snapshot]:
+        """Snapshots as the job changes, checked every `poll` seconds without holding a thread (for pages,
+        which may watch many jobs at once); the last one is the job's end."""
+        seen = -1
+        while True:
+            snap = self.snapshot()
+            if snap.version != seen:
+                seen = snap.version
+                yield snap
+            if snap.state in ENDED:
+                return
+            await asyncio.sleep(poll)
 
     def status(self) -> dict[str, Any]:
         """The JSON of /job_status: no token, no paths."""

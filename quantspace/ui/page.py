@@ -7,7 +7,7 @@ Built from `quantspace.formats.REGISTRY`: every format gets a tab with its varia
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
 import gradio as gr
 import pandas as pd
@@ -252,8 +252,8 @@ def build_demo() -> gr.Blocks:
         # -- run -----------------------------------------------------------------------------------------
         outputs = [log, result, plot, files, card, card_box, run, cancel, current, link]
 
-        def on_run(data: dict, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None,
-                   request: gr.Request, progress: gr.Progress = gr.Progress()) -> Iterator[dict]:
+        async def on_run(data: dict, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None,
+                         request: gr.Request, progress: gr.Progress = gr.Progress()) -> AsyncIterator[dict]:
             name = data[method]
             tab = next(t for t in tabs if t.name == name)
             if tab.reason:
@@ -269,20 +269,17 @@ def build_demo() -> gr.Blocks:
                 raise gr.Error("Enter a target repo (owner/name), or untick 'Push to the Hub'.")
             owner = profile.username if profile is not None else None
             job = api.start_job(spec, api.token_for("", oauth_token), owner, request)   # refusals leave the page
-            yield from _watch(job, progress)
+            async for update in _watch(job, progress):
+                yield update
 
-        def _watch(job: Job, progress: gr.Progress) -> Iterator[dict]:
+        async def _watch(job: Job, progress: gr.Progress) -> AsyncIterator[dict]:
             """Stream a job's log to the page, then its result; the job itself goes on if the page goes."""
             snap = job.snapshot()
             yield {current: job.id, link: job_link(job.id, job.owner, retention_s()), log: snap.log, result: "",
                    plot: gr.update(visible=False), files: gr.update(visible=False),
                    card_box: gr.update(visible=False), run: gr.update(interactive=False),
                    cancel: gr.update(interactive=not job.over)}
-            seen = snap.version
-            for snap in job.follow():
-                if snap.version == seen:
-                    continue
-                seen = snap.version
+            async for snap in job.watch():
                 if snap.state == "queued" and snap.ahead is not None:
                     progress(None, desc=f"queued: {snap.ahead} ahead")
                 elif snap.stage:
@@ -299,8 +296,8 @@ def build_demo() -> gr.Blocks:
                    files: gr.update(value=[str(p) for p in res.files if p.is_file()], visible=True),
                    card: card_body(res.card), card_box: gr.update(visible=True, open=False)}
 
-        def on_open(profile: gr.OAuthProfile | None, request: gr.Request,
-                    progress: gr.Progress = gr.Progress()) -> Iterator[dict]:
+        async def on_open(profile: gr.OAuthProfile | None, request: gr.Request,
+                          progress: gr.Progress = gr.Progress()) -> AsyncIterator[dict]:
             """Opened as ?job=<id>: show that job (its owner only), live until it ends, then its result."""
             wanted = (request.query_params.get("job") or "").strip() if request is not None else ""
             if not wanted:
@@ -311,7 +308,8 @@ def build_demo() -> gr.Blocks:
             except QuantSpaceError as exc:
                 yield {link: f"⚠️ {exc}"}
                 return
-            yield from _watch(job, progress)
+            async for update in _watch(job, progress):
+                yield update
 
         def on_cancel(job_id: str, profile: gr.OAuthProfile | None) -> None:
             try:
@@ -321,11 +319,14 @@ def build_demo() -> gr.Blocks:
 
         run_inputs = {model, method, target, push, private, evaluate, *variants_of.values(),
                       *(c for t in tabs for _, c in t.options)}
-        run.click(on_run, run_inputs, outputs, api_visibility="private", concurrency_limit=1,
-                  concurrency_id="heavy")
+        # The job waits for its turn in jobs.LANE (one heavy job at a time, its place shown in the log), so
+        # starting and watching it need no Gradio slot: the visitor gets the job's link at once.
+        run.click(on_run, run_inputs, outputs, api_visibility="private", concurrency_limit=None,
+                  concurrency_id="watch")
         cancel.click(on_cancel, current, None, api_visibility="private", queue=False)
-        # Closing the tab leaves the job running (its link reopens it); only Cancel stops it.
-        demo.load(on_open, None, outputs, api_visibility="private", concurrency_limit=16, concurrency_id="watch")
+        # Closing the tab leaves the job running (its link reopens it); only Cancel stops it. Watching holds no
+        # thread (it polls asynchronously), so any number of tabs may watch.
+        demo.load(on_open, None, outputs, api_visibility="private", concurrency_limit=None, concurrency_id="watch")
 
         # -- the named API -------------------------------------------------------------------------------
         gr.api(api.search_models, api_name="search_models", concurrency_limit=4, concurrency_id="preflight")
