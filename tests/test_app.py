@@ -41,7 +41,9 @@ class Served:
 
     def files_left(self) -> set[str]:
         """Every file under the job folders (finished jobs keep what they offer for download a while)."""
-        return {str(p.relative_to(self.jobs)) for p in self.jobs.rglob("*") if p.is_file()} if self.jobs.exists() else set()
+        if not self.jobs.exists():
+            return set()
+        return {str(p.relative_to(self.jobs)) for p in self.jobs.rglob("*") if p.is_file()}
 
     def no_token_written(self) -> None:
         for path in self.jobs.rglob("*"):

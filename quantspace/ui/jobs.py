@@ -175,11 +175,6 @@ class Lane:
         with self._cond:
             self._cond.notify_all()
 
-    @property
-    def waiting(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
 
 LANE = Lane()
 
