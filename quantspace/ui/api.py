@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -73,24 +74,23 @@ def _spec(model: str, method: str, variants: list[str] | None, options: dict[str
                    target=(target or "").strip() or None, private=private, evaluate=evaluate)
 
 
-def quantize_api(model: str, method: str = "gguf", variants: list[str] | None = None,
-                 options: dict[str, Any] | None = None, target: str = "", private: bool = False,
-                 evaluate: bool = True, hf_token: str = "", oauth_token: gr.OAuthToken | None = None,
-                 request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
+async def quantize_api(model: str, method: str = "gguf", variants: list[str] | None = None,
+                       options: dict[str, Any] | None = None, target: str = "", private: bool = False,
+                       evaluate: bool = True, hf_token: str = "", oauth_token: gr.OAuthToken | None = None,
+                       request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
     """Quantize `model` with `method`; push to `target` (owner/name) when given. Returns the report
     (quantspace.json) with `repo_url` when pushed. Progress is reported per stage. The job runs to its end even
     if the connection drops; use /start_job and /job_status to follow it by id instead."""
     progress = gr.Progress()
     token = token_for(hf_token, oauth_token)
-    job = start_job(_spec(model, method, variants, options, target, private, evaluate), token,
-                    caller(hf_token, oauth_token), request)
-    seen = -1
-    for snap in job.follow():
-        if snap.version != seen and snap.state == "queued" and snap.ahead is not None:
+    owner = await asyncio.to_thread(caller, hf_token, oauth_token)    # asks the Hub: not on the event loop
+    job = start_job(_spec(model, method, variants, options, target, private, evaluate), token, owner, request)
+    # Waiting holds no thread; if the connection drops, Gradio cancels this coroutine and the job goes on.
+    async for snap in job.watch():
+        if snap.state == "queued" and snap.ahead is not None:
             progress(None, desc=f"queued: {snap.ahead} ahead")
-        elif snap.version != seen and snap.stage:
+        elif snap.stage:
             progress((snap.done, snap.total), desc=snap.stage)
-        seen = snap.version
     try:
         return job.wait().report
     except BaseException as exc:
