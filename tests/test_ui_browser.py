@@ -2,7 +2,8 @@
 
 Signed out (no push, an empty model id), sign in (Gradio's mocked OAuth, backed by alice's token), bad models
 and a target alice cannot write to, then the tiny model: preflight, a GGUF run that pushes, the result link
-and the size-vs-accuracy plot. Screenshots go to tests/artifacts/.
+and the size-vs-accuracy plot; the job's link reopening it (for alice only), a job that goes on after its tab
+closes, and Cancel. Screenshots go to tests/artifacts/.
 """
 
 from __future__ import annotations
@@ -218,6 +219,34 @@ def test_a_job_goes_on_after_its_tab_closes(app_url, browser):
     expect(again.locator("#result")).to_contain_text("Pushed to alice/closed-tab-GGUF", timeout=240_000)
     expect(again.locator("#log textarea")).to_have_value(re.compile(r"download.*upload done.*finished", re.S))
     assert "tiny-llama-Q8_0.gguf" in hub.files("alice/closed-tab-GGUF")
+    context.close()
+
+
+def test_cancel_on_the_page_stops_its_job(app_url, browser):
+    from playwright.sync_api import expect
+
+    url, hub, jobs, _ = app_url
+    before = {p.name for p in jobs.iterdir()}
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
+    expect(page.get_by_text("Signed in as alice")).to_be_visible()
+    model = page.locator("#model textarea, #model input").first
+    model.fill(TINY)
+    model.press("Enter")
+    target = page.locator("#target input, #target textarea").first
+    target.fill("alice/cancelled-on-page-GGUF")
+    target.blur()
+    expect(page.locator("#preflight")).to_contain_text("Ready.")
+    page.locator("#run").click()
+    expect(page.locator("#log textarea")).to_have_value(re.compile(r"download"), timeout=120_000)
+    page.locator("#cancel").click()
+    expect(page.locator("#log textarea")).to_have_value(re.compile(r"cancelled: nothing was pushed"))
+    expect(page.locator("#run")).to_be_enabled()
+    assert not any(r.repo_id == "alice/cancelled-on-page-GGUF" for r in hub._repos.values())
+    assert {p.name for p in jobs.iterdir()} == before
     context.close()
 
 

@@ -331,7 +331,8 @@ def build_demo() -> gr.Blocks:
         # -- the named API -------------------------------------------------------------------------------
         gr.api(api.search_models, api_name="search_models", concurrency_limit=4, concurrency_id="preflight")
         gr.api(api.preflight_api, api_name="preflight", concurrency_limit=4, concurrency_id="preflight")
-        gr.api(api.quantize_api, api_name="quantize", concurrency_limit=None, concurrency_id="watch")   # jobs.LANE queues
+        gr.api(api.quantize_api, api_name="quantize", concurrency_limit=None,
+               concurrency_id="watch")   # jobs.LANE keeps one heavy job at a time
         gr.api(api.start_job_api, api_name="start_job", concurrency_limit=4, concurrency_id="preflight")
         gr.api(api.job_status_api, api_name="job_status", queue=False)
         gr.api(api.cancel_job_api, api_name="cancel_job", queue=False)
