@@ -6,6 +6,7 @@ One app and one Hub per module (launching is the slow part); each test uses its 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,6 +38,18 @@ class Served:
 
     def jobs_left(self) -> list[str]:
         return sorted(p.name for p in self.jobs.iterdir()) if self.jobs.exists() else []
+
+    def files_left(self) -> set[str]:
+        """Every file under the job folders (finished jobs keep what they offer for download a while)."""
+        if not self.jobs.exists():
+            return set()
+        return {str(p.relative_to(self.jobs)) for p in self.jobs.rglob("*") if p.is_file()}
+
+    def no_token_written(self) -> None:
+        for path in self.jobs.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert ALICE_TOKEN.encode() not in data and BOB_TOKEN.encode() not in data, path
 
 
 def launch_app_env(tmp: Path, mp: pytest.MonkeyPatch, hub: HubServer, tiny: Path) -> None:
@@ -78,10 +91,10 @@ def served(tmp_path_factory, tiny_bpe):
 def test_every_action_has_a_named_endpoint(served):
     api = served.client().view_api(print_info=False, return_format="dict")
     named = set(api["named_endpoints"])
-    assert {"/preflight", "/quantize", "/search_models", "/cancel"} <= named
+    documented = {"/preflight", "/quantize", "/search_models", "/cancel", "/start_job", "/job_status", "/cancel_job"}
     assert not api["unnamed_endpoints"]
     # The page's own handlers are not part of the API (Gradio's LoginButton adds its /_check_login_status).
-    assert {n for n in named if not n.startswith("/_")} == {"/preflight", "/quantize", "/search_models", "/cancel"}
+    assert {n for n in named if not n.startswith("/_")} == documented
     params = {p["parameter_name"]: p["python_type"]["type"] for p in api["named_endpoints"]["/quantize"]["parameters"]}
     assert params["model"] == "str" and params["private"] == "bool" and params["hf_token"] == "str"
 
@@ -119,6 +132,7 @@ def test_preflight_explains_problems(served, model, target, token, message):
 
 def test_quantize_pushes_with_progress(served):
     client = served.client()
+    before = served.jobs_left()
     target = "alice/tiny-llama-GGUF"
     job = client.submit(TINY, "gguf", ["Q8_0", "Q4_K_M"], {}, target, False, False, ALICE_TOKEN,
                         api_name="/quantize")
@@ -134,7 +148,12 @@ def test_quantize_pushes_with_progress(served):
     assert {"tiny-llama-Q8_0.gguf", "tiny-llama-Q4_K_M.gguf", "README.md", "quantspace.json"} <= set(files)
     assert json.loads(files["quantspace.json"])["files"] == report["files"]
     assert stages and stages <= {"download", "convert F16", "quantize Q8_0", "quantize Q4_K_M", "card", "upload"}
-    assert served.jobs_left() == []
+    # Pushed: the job keeps only its report (offered for download) until its retention ends; no weights.
+    new = set(served.jobs_left()) - set(before)
+    assert len(new) == 1
+    kept = {p.name for p in (served.jobs / new.pop()).rglob("*") if p.is_file()}
+    assert kept == {"quantspace.json"}
+    served.no_token_written()
 
 
 @pytest.mark.parametrize("target, token, message", [
@@ -144,29 +163,32 @@ def test_quantize_pushes_with_progress(served):
 def test_refused_push_writes_nothing(served, target, token, message):
     from gradio_client.exceptions import AppError
 
+    before = served.jobs_left()
     with pytest.raises(AppError, match=message):
         served.client().predict(TINY, "gguf", ["Q8_0"], {}, target, False, False, token, api_name="/quantize")
     assert not any(r.repo_id == target for r in served.hub._repos.values())
-    assert served.jobs_left() == []
+    assert served.jobs_left() == before
 
 
 def test_bad_model_through_the_api(served):
     from gradio_client.exceptions import AppError
 
     client = served.client()
+    before = served.jobs_left()
     for model, message in [("", "No model given"), ("quantorg/does-not-exist", "was not found"),
                            (GPT2, "GPT2LMHeadModel is not supported")]:
         with pytest.raises(AppError, match=message):
             client.predict(model, "gguf", ["Q8_0"], {}, "", False, False, "", api_name="/quantize")
     with pytest.raises(AppError, match="Unknown GGUF variant"):
         client.predict(TINY, "gguf", ["Q9"], {}, "", False, False, "", api_name="/quantize")
-    assert served.jobs_left() == []
+    assert served.jobs_left() == before
 
 
 def test_cancel_stops_the_job_and_cleans_up(served):
     from gradio_client.exceptions import AppError
 
     client = served.client()
+    before = served.jobs_left()
     target = "alice/cancelled-GGUF"
     job = client.submit(TINY, "gguf", ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"], {}, target, False,
                         True, ALICE_TOKEN, api_name="/quantize")
@@ -177,5 +199,121 @@ def test_cancel_stops_the_job_and_cleans_up(served):
     with pytest.raises(AppError, match="Cancelled"):
         job.result()
     assert not any(r.repo_id == target for r in served.hub._repos.values())
-    assert served.jobs_left() == []
+    assert served.jobs_left() == before
     assert client.predict(api_name="/cancel") is False   # nothing left to cancel
+
+
+def repo_exists(hub: HubServer, repo_id: str) -> bool:
+    return any(r.repo_id == repo_id for r in hub._repos.values())
+
+
+def poll_status(client, job_id: str, token: str, until, timeout: float = 180) -> list[dict]:
+    """/job_status until `until(status)`; returns every status seen."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.predict(job_id, token, api_name="/job_status")
+        seen.append(status)
+        if until(status):
+            return seen
+        assert time.monotonic() < deadline, seen[-1]
+        time.sleep(0.05)
+
+
+def test_a_job_outlives_its_client_and_opens_by_id_for_its_owner_only(served):
+    from gradio_client.exceptions import AppError
+
+    target = "alice/detached-GGUF"
+    first = served.client()
+    started = first.predict(TINY, "gguf", ["Q8_0", "Q4_K_M"], {}, target, False, True, ALICE_TOKEN,
+                            api_name="/start_job")
+    job_id = started["job_id"]
+    assert len(job_id) >= 22 and started["state"] in ("queued", "running")
+    first.close()                                  # the client that started it is gone
+
+    other = served.client()                        # e.g. another device of the same user
+    seen = poll_status(other, job_id, ALICE_TOKEN, lambda s: s["state"] != "queued" and s["stage"])
+    assert seen[-1]["state"] == "running" and seen[-1]["report"] is None
+    for token in (BOB_TOKEN, ""):                  # another user, or nobody: refused, with no details
+        with pytest.raises(AppError, match="No job with this id is visible to you") as refused:
+            other.predict(job_id, token, api_name="/job_status")
+        assert target not in str(refused.value)
+        with pytest.raises(AppError, match="No job with this id is visible to you"):
+            other.predict(job_id, token, api_name="/cancel_job")
+    seen += poll_status(other, job_id, ALICE_TOKEN, lambda s: s["state"] != "running")
+    final = seen[-1]
+    assert final["state"] == "finished", final
+    assert final["report"]["repo_id"] == target and final["error"] is None
+    assert [f["variant"] for f in final["report"]["files"]] == ["Q8_0", "Q4_K_M"]
+    # The log tells the whole story, whatever moments the polls happened to catch.
+    assert re.search(r"download.*quantize Q8_0.*quantize Q4_K_M.*evaluate.*upload done.*finished$",
+                     "\n".join(final["log"]), re.S), final["log"]
+    assert {s["stage"].split()[0] for s in seen if s["stage"]} <= {"download", "convert", "quantize", "evaluate",
+                                                                  "card", "upload"}
+    assert {"tiny-llama-Q8_0.gguf", "tiny-llama-Q4_K_M.gguf", "quantspace.json"} <= set(served.hub.files(target))
+    served.no_token_written()
+
+
+def test_a_dropped_quantize_call_still_finishes_and_pushes(served):
+    client = served.client()
+    target = "alice/dropped-GGUF"
+    job = client.submit(TINY, "gguf", ["Q8_0"], {}, target, False, False, ALICE_TOKEN, api_name="/quantize")
+    deadline = time.monotonic() + 60
+    while not job.status().progress_data and time.monotonic() < deadline:
+        time.sleep(0.02)
+    job.cancel()                                   # the connection goes away mid-run (a closed laptop)
+    client.close()
+    deadline = time.monotonic() + 180
+    while "tiny-llama-Q8_0.gguf" not in (served.hub.files(target) if repo_exists(served.hub, target) else {}):
+        assert time.monotonic() < deadline, "the job did not finish after its client dropped"
+        time.sleep(0.2)
+
+
+def test_cancel_by_id_stops_the_job_and_cleans_up(served):
+    client = served.client()
+    before = served.jobs_left()
+    target = "alice/cancel-by-id-GGUF"
+    started = client.predict(TINY, "gguf", ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"], {}, target,
+                             False, True, ALICE_TOKEN, api_name="/start_job")
+    job_id = started["job_id"]
+    poll_status(client, job_id, ALICE_TOKEN, lambda s: s["state"] == "running" and s["stage"])
+    status = served.client().predict(job_id, ALICE_TOKEN, api_name="/cancel_job")   # from any client of hers
+    assert status["cancel_requested"] is True
+    final = poll_status(client, job_id, ALICE_TOKEN, lambda s: s["state"] != "running")[-1]
+    assert final["state"] == "cancelled" and final["error"].startswith("Cancelled") and final["report"] is None
+    assert not repo_exists(served.hub, target)
+    assert served.jobs_left() == before
+
+
+def test_results_are_removed_after_the_retention_time(served, monkeypatch):
+    from gradio_client.exceptions import AppError
+
+    client = served.client()
+    before = served.files_left()
+    started = client.predict(TINY, "gguf", ["Q8_0"], {}, "", False, False, "", api_name="/start_job")
+    final = poll_status(client, started["job_id"], "", lambda s: s["state"] not in ("queued", "running"))[-1]
+    assert final["state"] == "finished" and final["removed_in_s"] > 0
+    offered = served.files_left() - before        # not pushed: the files stay for download, with the report
+    assert {Path(p).name for p in offered} == {"tiny-llama-Q8_0.gguf", "quantspace.json"}
+    monkeypatch.setenv("QUANTSPACE_JOB_RETENTION_S", "0")
+    with pytest.raises(AppError, match="No job with this id"):
+        client.predict(started["job_id"], "", api_name="/job_status")   # the sweep runs on every status call
+    assert not (served.files_left() & offered)
+
+
+def test_detached_jobs_still_run_one_at_a_time(served):
+    client = served.client()
+    before = served.jobs_left()
+    many = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+    first = client.predict(TINY, "gguf", many, {}, "", False, True, "", api_name="/start_job")["job_id"]
+    poll_status(client, first, "", lambda s: s["state"] == "running")
+    second = served.client().predict(TINY, "gguf", ["Q8_0"], {}, "", False, False, "", api_name="/start_job")
+    assert second["state"] == "queued"
+    waiting = poll_status(client, second["job_id"], "", lambda s: s["jobs_ahead"] == 1)[-1]
+    assert waiting["state"] == "queued" and "waiting for its turn: 1 job ahead" in waiting["log"][-1]
+    assert client.predict(first, "", api_name="/job_status")["state"] == "running"
+    client.predict(first, "", api_name="/cancel_job")
+    final = poll_status(client, second["job_id"], "", lambda s: s["state"] not in ("queued", "running"))[-1]
+    assert final["state"] == "finished"
+    assert client.predict(first, "", api_name="/job_status")["state"] == "cancelled"
+    assert len(set(served.jobs_left()) - set(before)) == 1      # the finished one keeps its files a while

@@ -2,7 +2,8 @@
 
 Signed out (no push, an empty model id), sign in (Gradio's mocked OAuth, backed by alice's token), bad models
 and a target alice cannot write to, then the tiny model: preflight, a GGUF run that pushes, the result link
-and the size-vs-accuracy plot. Screenshots go to tests/artifacts/.
+and the size-vs-accuracy plot; the job's link reopening it (for alice only), a job that goes on after its tab
+closes, and Cancel. Screenshots go to tests/artifacts/.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -91,13 +93,15 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
 
     url, hub, jobs, _ = app_url
     ARTIFACTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})   # one visitor, several tabs
+    page = context.new_page()
     page.set_default_timeout(60_000)
     page.goto(url)
     expect(page.get_by_text("Not signed in.")).to_be_visible()
     expect(page.locator("#push input")).to_be_disabled()          # signed out: nothing can be pushed
     page.locator("#run").click()                                   # no model given: a readable error
-    expect(page.get_by_text("No model given").first).to_be_visible()
+    # The first job imports the pipeline (torch...): seconds on a busy machine.
+    expect(page.get_by_text("No model given").first).to_be_visible(timeout=60_000)
 
     page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
     expect(page.get_by_text("Signed in as alice")).to_be_visible()
@@ -144,9 +148,10 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     page.screenshot(path=str(ARTIFACTS / "result.png"), full_page=True)
 
     assert {"tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf", "quantspace.json"} <= set(hub.files("alice/tiny-llama-GGUF"))
-    assert not list(jobs.iterdir())
+    # Pushed: the job keeps only its report for download until its retention ends, no weights.
+    assert {p.name for p in jobs.rglob("*") if p.is_file()} == {"quantspace.json"}
 
-    # Not pushed: the files themselves are offered for download (copied out before the job folder goes).
+    # Not pushed: the files themselves are offered for download (Gradio serves its own copies).
     page.locator("#push input").uncheck()
     page.locator("#evaluate input").uncheck()
     expect(preflight).to_contain_text("Ready.")
@@ -158,7 +163,91 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     assert set(links) == {"quantspace.json", "tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf"}
     with urllib.request.urlopen(urllib.parse.urljoin(url, links["tiny-llama-Q8_0.gguf"])) as r:
         assert r.read(4) == b"GGUF"
-    assert not list(jobs.iterdir())
+    assert "tiny-llama-Q8_0.gguf" in {p.name for p in jobs.rglob("*")}   # kept for the job's link
+    # The job folder itself is never served by path.
+    job_file = next(jobs.rglob("tiny-llama-Q8_0.gguf"))
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(urllib.parse.urljoin(url, f"gradio_api/file={job_file}"))
+
+    # The job's link reopens it, signed in as alice, in another tab: the result and the files again.
+    job_url = urllib.parse.urljoin(url, page.locator("#job-link a").first.get_attribute("href"))
+    assert "?job=" in job_url
+    again = context.new_page()
+    again.set_default_timeout(60_000)
+    again.goto(job_url)
+    expect(again.locator("#result")).to_contain_text("Done (not pushed)")
+    expect(again.locator("#log textarea")).to_have_value(re.compile(r"quantize Q8_0.*finished", re.S))
+    expect(again.locator("#files a")).to_have_count(len(links))
+    names = {a.get_attribute("href").rsplit("/", 1)[-1] for a in again.locator("#files a").all()}
+    assert names == set(links)
+    again.screenshot(path=str(ARTIFACTS / "job-reopened.png"), full_page=True)
+    # A visitor who is not alice (a fresh browser, signed out) learns nothing about it.
+    stranger = browser.new_page()
+    stranger.goto(job_url)
+    expect(stranger.locator("#job-link")).to_contain_text("No job with this id is visible to you")
+    expect(stranger.locator("#result")).not_to_contain_text("Done")
+    assert not stranger.locator("#files a").count()
+    stranger.close()
+    context.close()
+
+
+def test_a_job_goes_on_after_its_tab_closes(app_url, browser):
+    from playwright.sync_api import expect
+
+    url, hub, _, _ = app_url
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
+    expect(page.get_by_text("Signed in as alice")).to_be_visible()
+    model = page.locator("#model textarea, #model input").first
+    model.fill(TINY)
+    model.press("Enter")
+    expect(page.locator("#preflight")).to_contain_text("Ready.")
+    target = page.locator("#target input, #target textarea").first
+    target.fill("alice/closed-tab-GGUF")
+    target.blur()
+    expect(page.locator("#preflight")).to_contain_text("Ready.")
+    page.locator("#run").click()
+    expect(page.locator("#log textarea")).to_have_value(re.compile(r"download|convert"), timeout=120_000)
+    job_url = urllib.parse.urljoin(url, page.locator("#job-link a").first.get_attribute("href"))
+    page.close()                                    # the tab goes away mid-run
+    again = context.new_page()
+    again.set_default_timeout(60_000)
+    again.goto(job_url)
+    expect(again.locator("#result")).to_contain_text("Pushed to alice/closed-tab-GGUF", timeout=240_000)
+    expect(again.locator("#log textarea")).to_have_value(re.compile(r"download.*upload done.*finished", re.S))
+    assert "tiny-llama-Q8_0.gguf" in hub.files("alice/closed-tab-GGUF")
+    context.close()
+
+
+def test_cancel_on_the_page_stops_its_job(app_url, browser):
+    from playwright.sync_api import expect
+
+    url, hub, jobs, _ = app_url
+    before = {p.name for p in jobs.iterdir()}
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
+    expect(page.get_by_text("Signed in as alice")).to_be_visible()
+    model = page.locator("#model textarea, #model input").first
+    model.fill(TINY)
+    model.press("Enter")
+    target = page.locator("#target input, #target textarea").first
+    target.fill("alice/cancelled-on-page-GGUF")
+    target.blur()
+    expect(page.locator("#preflight")).to_contain_text("Ready.")
+    page.locator("#run").click()
+    expect(page.locator("#log textarea")).to_have_value(re.compile(r"download"), timeout=120_000)
+    page.locator("#cancel").click()
+    expect(page.locator("#log textarea")).to_have_value(re.compile(r"cancelled: nothing was pushed"))
+    expect(page.locator("#run")).to_be_enabled()
+    assert not any(r.repo_id == "alice/cancelled-on-page-GGUF" for r in hub._repos.values())
+    assert {p.name for p in jobs.iterdir()} == before
+    context.close()
 
 
 def test_the_page_caused_no_server_errors(app_url):

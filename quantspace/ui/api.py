@@ -1,10 +1,14 @@
-"""The named API endpoints (/search_models, /preflight, /quantize, /cancel): typed inputs, JSON results.
+"""The named API endpoints: typed inputs, JSON results. The page's own handlers call the same functions;
+`gradio_client` users call these by name.
 
-The page's own handlers call the same functions; `gradio_client` users call these by name.
+/search_models, /preflight: look before any work. /quantize: start a job and wait for its report.
+/start_job, /job_status, /cancel_job: the same job by id, for clients that must survive a dropped connection
+(a job runs to its end whether or not anyone watches). /cancel: the jobs this client started.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +16,8 @@ import gradio as gr
 
 from ..errors import QuantSpaceError
 from ..preflight import on_space, preflight
-from .jobs import Cancelled, Job, JobBoard, JobSpec, user_token
+from .jobs import REGISTRY, Cancelled, Job, JobSpec, account_of, user_token
 
-BOARD = JobBoard()
 SEARCH_LIMIT = 8
 
 
@@ -31,6 +34,14 @@ def readable(exc: BaseException) -> gr.Error:
 
 def token_for(hf_token: str, oauth_token: gr.OAuthToken | None) -> str | None:
     return user_token(hf_token, oauth_token.token if oauth_token is not None else None)
+
+
+def caller(hf_token: str, oauth_token: gr.OAuthToken | None) -> str | None:
+    """The Hub account of whoever calls (None when they pass no token): the owner of the jobs they start."""
+    try:
+        return account_of(token_for(hf_token, oauth_token))
+    except QuantSpaceError as exc:
+        raise readable(exc) from None
 
 
 def search_models(query: str, hf_token: str = "", oauth_token: gr.OAuthToken | None = None) -> list[str]:
@@ -57,47 +68,78 @@ def preflight_api(model: str, method: str = "gguf", variants: list[str] | None =
                      target=target.strip() or None).to_dict()
 
 
-def quantize_api(model: str, method: str = "gguf", variants: list[str] | None = None,
-                 options: dict[str, Any] | None = None, target: str = "", private: bool = False,
-                 evaluate: bool = True, hf_token: str = "", oauth_token: gr.OAuthToken | None = None,
-                 request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
+def _spec(model: str, method: str, variants: list[str] | None, options: dict[str, Any] | None, target: str,
+          private: bool, evaluate: bool) -> JobSpec:
+    return JobSpec(model=model, method=method, variants=list(variants or []), options=dict(options or {}),
+                   target=(target or "").strip() or None, private=private, evaluate=evaluate)
+
+
+async def quantize_api(model: str, method: str = "gguf", variants: list[str] | None = None,
+                       options: dict[str, Any] | None = None, target: str = "", private: bool = False,
+                       evaluate: bool = True, hf_token: str = "", oauth_token: gr.OAuthToken | None = None,
+                       request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
     """Quantize `model` with `method`; push to `target` (owner/name) when given. Returns the report
-    (quantspace.json) with `repo_url` when pushed. Progress is reported per stage."""
+    (quantspace.json) with `repo_url` when pushed. Progress is reported per stage. The job runs to its end even
+    if the connection drops; use /start_job and /job_status to follow it by id instead."""
     progress = gr.Progress()
-    spec = JobSpec(model=model, method=method, variants=list(variants or []), options=dict(options or {}),
-                   target=target.strip() or None, private=private, evaluate=evaluate)
-    job = start_job(spec, token_for(hf_token, oauth_token), request)
+    token = token_for(hf_token, oauth_token)
+    owner = await asyncio.to_thread(caller, hf_token, oauth_token)    # asks the Hub: not on the event loop
+    job = start_job(_spec(model, method, variants, options, target, private, evaluate), token, owner, request)
+    # Waiting holds no thread; if the connection drops, Gradio cancels this coroutine and the job goes on.
+    async for snap in job.watch():
+        if snap.state == "queued" and snap.ahead is not None:
+            progress(None, desc=f"queued: {snap.ahead} ahead")
+        elif snap.stage:
+            progress((snap.done, snap.total), desc=snap.stage)
     try:
-        for event in job.follow():
-            if event is not None:
-                stage, done, total = event
-                progress((done, total), desc=stage)
         return job.wait().report
     except BaseException as exc:
         raise readable(exc) from None
-    finally:
-        finish_job(job, request)
+
+
+def start_job_api(model: str, method: str = "gguf", variants: list[str] | None = None,
+                  options: dict[str, Any] | None = None, target: str = "", private: bool = False,
+                  evaluate: bool = True, hf_token: str = "", oauth_token: gr.OAuthToken | None = None,
+                  request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
+    """Start the same job as /quantize and return at once with its status (`job_id`, `state`...): follow it
+    with /job_status, stop it with /cancel_job. Started with a token, it is visible to that account only."""
+    token = token_for(hf_token, oauth_token)
+    job = start_job(_spec(model, method, variants, options, target, private, evaluate), token,
+                    caller(hf_token, oauth_token), request)
+    return job.status()
+
+
+def job_status_api(job_id: str, hf_token: str = "", oauth_token: gr.OAuthToken | None = None) -> dict[str, Any]:
+    """A job's `state` (queued, running, finished, failed, cancelled), `stage`, `done`/`total`, `jobs_ahead`
+    while queued, `log` (lines), `report` once finished, `error` (one line) once failed, and `removed_in_s`
+    once ended. Only for the account that started it (same token), or anyone with the id of an anonymous job."""
+    try:
+        return REGISTRY.get(job_id, caller(hf_token, oauth_token)).status()
+    except QuantSpaceError as exc:
+        raise readable(exc) from None
+
+
+def cancel_job_api(job_id: str, hf_token: str = "", oauth_token: gr.OAuthToken | None = None) -> dict[str, Any]:
+    """Cancel a job by id (same rule as /job_status). It stops at its next step and removes everything it
+    wrote; returns its status (`cancel_requested` true; `state` becomes cancelled shortly)."""
+    try:
+        return REGISTRY.cancel(job_id, caller(hf_token, oauth_token)).status()
+    except QuantSpaceError as exc:
+        raise readable(exc) from None
 
 
 def cancel_api(request: gr.Request = None) -> bool:  # type: ignore[assignment]
-    """Cancel this session's running job (the same browser tab, or the same gradio_client Client).
-    Returns whether there was one. The job stops at its next step and removes everything it wrote."""
-    return BOARD.cancel(session_key(request))
+    """Cancel the jobs this client started (the same browser tab, or the same gradio_client Client) that are
+    still going. Returns whether there was one. A job stops at its next step and removes everything it wrote."""
+    return REGISTRY.cancel_session(session_key(request))
 
 
-def session_key(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "anonymous"
+def session_key(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) or None
 
 
-def start_job(spec: JobSpec, token: str | None, request: gr.Request | None) -> Job:
+def start_job(spec: JobSpec, token: str | None, owner: str | None, request: gr.Request | None) -> Job:
     try:
-        job = Job(spec, token)
+        return REGISTRY.start(spec, token, owner, session_key(request))
     except QuantSpaceError as exc:
         raise readable(exc) from None
-    BOARD.add(session_key(request), job)
-    return job
-
-
-def finish_job(job: Job, request: gr.Request | None) -> None:
-    BOARD.remove(session_key(request), job)
-    job.close()

@@ -1,34 +1,55 @@
-"""One quantization job from the page or the API: its own temp folder, a worker thread, progress events,
-cancel and cleanup. No Gradio here, so it is testable on its own.
+"""Quantization jobs for the page and the API, independent of any browser tab or connection.
+
+A job has an unguessable id and an owner (the Hub account that started it, or nobody: then the id alone is
+the key). It runs in a worker thread until it finishes, fails or is cancelled; closing a tab or dropping a
+connection does not touch it. Jobs wait in one process-wide lane, so only one heavy job runs at a time.
+A job that has ended keeps its log and result (report, card, downloadable files) for a bounded time
+(QUANTSPACE_JOB_RETENTION_S), then a sweep removes it. No Gradio here, so all of it is testable on its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import hashlib
 import os
-import queue
+import secrets
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
-from ..errors import AuthError
+from ..errors import AuthError, QuantSpaceError
 from ..formats import run_directly
 from ..preflight import gpu_seconds, on_space, on_zero_gpu
 from .gpu import gpu_runner
+from .views import Log
 
 # Gradio's mocked sign-in (off a Space) hands out this placeholder instead of a real token.
 MOCK_OAUTH_TOKEN = "mock-oauth-token-for-local-dev"
-Step = tuple[str, int, int]   # (stage, done, total)
+RETENTION_S = 3 * 3600          # default for QUANTSPACE_JOB_RETENTION_S
+MAX_QUEUED = 8                  # default for QUANTSPACE_MAX_QUEUED_JOBS
+ACCOUNT_TTL_S = 300             # how long a token's account name is remembered (in memory only)
+ENDED = ("finished", "failed", "cancelled")
 
 
 def jobs_root() -> Path:
-    """Where per-job folders live; QUANTSPACE_JOBS_DIR moves them (tests check that they are gone)."""
+    """Where per-job folders live; QUANTSPACE_JOBS_DIR moves them (tests check what is left there)."""
     root = Path(os.environ.get("QUANTSPACE_JOBS_DIR") or Path(tempfile.gettempdir()) / "quantspace-jobs")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def retention_s() -> float:
+    """How long an ended job (its log, result and files) is kept: QUANTSPACE_JOB_RETENTION_S, in seconds."""
+    return float(os.environ.get("QUANTSPACE_JOB_RETENTION_S") or RETENTION_S)
+
+
+def max_queued() -> int:
+    return int(os.environ.get("QUANTSPACE_MAX_QUEUED_JOBS") or MAX_QUEUED)
 
 
 def user_token(hf_token: str | None, oauth_token: str | None) -> str | bool | None:
@@ -49,8 +70,48 @@ def user_token(hf_token: str | None, oauth_token: str | None) -> str | bool | No
     return False if on_space() else None
 
 
+# Folders of jobs that exist in this process (any registry); the sweep removes only other, stale ones.
+_live_dirs: set[Path] = set()
+_accounts: dict[str, tuple[str, float]] = {}
+_accounts_lock = threading.Lock()
+
+
+def account_of(token: str | None) -> str | None:
+    """The Hub account a token belongs to (None without a token). Asked once per few minutes per token; the
+    token itself is only a hash key here, never stored."""
+    if not token:
+        return None
+    key = hashlib.sha256(token.encode()).hexdigest()
+    now = time.monotonic()
+    with _accounts_lock:
+        hit = _accounts.get(key)
+    if hit and hit[1] > now:
+        return hit[0]
+    from ..hub import whoami
+
+    name = whoami(token)["name"]
+    with _accounts_lock:
+        _accounts[key] = (name, now + ACCOUNT_TTL_S)
+    return name
+
+
 class Cancelled(Exception):
     """Raised inside the pipeline at its next progress step after the user pressed Cancel."""
+
+
+class JobNotFoundError(QuantSpaceError):
+    """No such job, it was removed after its retention time, or it belongs to another account."""
+
+
+class BusyError(QuantSpaceError):
+    """Too many jobs are already waiting for their turn."""
+
+
+def not_found() -> JobNotFoundError:
+    # One message for "unknown", "expired" and "not yours": a stranger learns nothing about someone's job.
+    hours = retention_s() / 3600
+    return JobNotFoundError(f"No job with this id is visible to you: jobs are removed {hours:g} h after they end, "
+                            "and a job started while signed in opens only for that same account.")
 
 
 @dataclass
@@ -68,40 +129,129 @@ class JobSpec:
 class JobResult:
     report: dict[str, Any]
     card: str                         # the model card's markdown
-    folder: Path                      # the output folder (inside the job folder, removed by close())
+    folder: Path                      # the output folder (inside the job folder)
+    files: list[Path]                 # what is offered for download: the report, and the files when not pushed
+
+
+@dataclass
+class Snapshot:
+    """A job's state at one moment, as followers see it."""
+    version: int
+    state: str                        # queued, running, finished, failed, cancelled
+    stage: str | None
+    done: int
+    total: int
+    ahead: int | None                 # jobs ahead of this one while queued
+    log: str
+
+
+class Lane:
+    """One heavy job at a time (per process), first come first served; waiting jobs see how many are ahead."""
+
+    def __init__(self, slots: int = 1):
+        self.slots = slots
+        self._cond = threading.Condition()
+        self._queue: list[Job] = []
+        self._running = 0
+
+    def enter(self, job: Job) -> None:
+        """Block until it is `job`'s turn; raises Cancelled if the job is cancelled while it waits."""
+        with self._cond:
+            self._queue.append(job)
+            try:
+                while not (self._running < self.slots and self._queue[0] is job):
+                    if job.cancelled:
+                        raise Cancelled("Cancelled while waiting for its turn; nothing was done.")
+                    job._queued(self._running + self._queue.index(job))
+                    self._cond.wait(timeout=1.0)
+            finally:
+                self._queue.remove(job)
+                self._cond.notify_all()
+            self._running += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+LANE = Lane()
 
 
 class Job:
-    """Runs `pipeline.quantize` in a worker thread; `follow()` yields its progress, `close()` cleans up."""
+    """Runs `pipeline.quantize` in a worker thread; keeps its log and result until it is removed."""
 
-    def __init__(self, spec: JobSpec, token: str | None):
+    def __init__(self, spec: JobSpec, token: str | None, owner: str | None = None, session: str | None = None,
+                 lane: Lane = LANE):
         if spec.target and not token:
             raise AuthError("Sign in with Hugging Face (or pass hf_token) to push; without signing in you can "
                             "still quantize and download the files.")
-        self.spec, self.token = spec, token
+        self.id = secrets.token_urlsafe(24)        # 192 random bits: the job's address, and for anonymous jobs its key
+        self.spec, self.owner, self.session = spec, owner, session
+        self._token = token                        # in memory only, dropped when the job ends
+        self._lane = lane
+        # The folder's name is random too, and unrelated to the id.
         self.dir = Path(tempfile.mkdtemp(prefix="job-", dir=jobs_root()))
+        _live_dirs.add(self.dir)
         self.result: JobResult | None = None
         self.error: BaseException | None = None
-        self._events: queue.Queue[Step | None] = queue.Queue()
+        self.ended_at: float | None = None         # time.monotonic() when it ended
+        self._state = "queued"
+        self._stage: str | None = None
+        self._done = self._total = 0
+        self._ahead: int | None = None
+        self._log = Log()
+        self._version = 0
+        self._changed = threading.Condition()
         self._cancel = threading.Event()
+        self._log.note(f"started {spec.model} → {spec.method.upper()} {', '.join(spec.variants)}".rstrip())
         # The caller's context (Gradio's request) goes with the thread: ZeroGPU reads it to bill the visitor.
         context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(self._run,), name="quantspace-job", daemon=True)
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name="quantspace-job",
+                                        daemon=True)
         self._thread.start()
+
+    # -- what happens in the worker thread ------------------------------------------------------------------
+    def _changed_now(self) -> None:
+        """Call with self._changed held."""
+        self._version += 1
+        self._changed.notify_all()
+
+    def _queued(self, ahead: int) -> None:
+        with self._changed:
+            if ahead != self._ahead:
+                self._ahead = ahead
+                self._log.update(f"waiting for its turn: {ahead} job{'s' if ahead != 1 else ''} ahead", 0, 0)
+                self._changed_now()
 
     def _tick(self, stage: str, done: int, total: int) -> None:
         # The upload is one commit: once it has started, stopping could not take it back, so it finishes.
         if self._cancel.is_set() and stage != "upload":
             raise Cancelled("Cancelled; nothing was pushed and the job's files were removed.")
-        self._events.put((stage, done, total))
+        with self._changed:
+            self._stage, self._done, self._total = stage, done, total
+            self._log.update(stage, done, total)
+            self._changed_now()
 
     def _run(self) -> None:
         try:
-            self.result = self._work()
-        except BaseException as exc:  # handed to the caller's thread by follow()/wait()
+            self._lane.enter(self)
+            try:
+                with self._changed:
+                    self._state, self._ahead = "running", None
+                    self._changed_now()
+                self.result = self._work()
+            finally:
+                self._lane.leave()
+        except BaseException as exc:  # kept for followers, /job_status and wait()
             self.error = exc
         finally:
-            self._events.put(None)
+            self._token = None
+            self._settle()
 
     def _work(self) -> JobResult:
         from ..pipeline import quantize
@@ -112,70 +262,213 @@ class Job:
         runner = gpu_runner(params) if params is not None else run_directly
         report = quantize(spec.model, method=spec.method, variants=spec.variants or None, out=out,
                           push=spec.target or None, private=spec.private, no_eval=not spec.evaluate,
-                          token=self.token, progress=self._tick, options=spec.options, device="auto",
+                          token=self._token, progress=self._tick, options=spec.options, device="auto",
                           run_gpu=runner, gpu_window_s=window)
-        return JobResult(report.to_dict(), (out / "README.md").read_text(encoding="utf-8"), out)
+        data = report.to_dict()
+        files = [out / "quantspace.json"]
+        if not data.get("repo_url"):   # not pushed: the files themselves are the result
+            files += [out / f for entry in data["files"] for f in (entry.get("files") or [entry["filename"]])]
+        return JobResult(data, (out / "README.md").read_text(encoding="utf-8"), out, files)
 
     def _parameters(self) -> int:
         """The model's size, for the ZeroGPU window (read from safetensors headers, no download)."""
         from ..estimate import estimate
 
-        return estimate(self.spec.model, self.spec.method, self.spec.variants or None, token=self.token).parameters
+        return estimate(self.spec.model, self.spec.method, self.spec.variants or None, token=self._token).parameters
 
-    def follow(self, poll: float = 0.25) -> Iterator[Step | None]:
-        """Progress events as they come; None every `poll` seconds while nothing happens (to refresh timers)."""
-        while True:
-            try:
-                event = self._events.get(timeout=poll)
-            except queue.Empty:
-                yield None
-                continue
-            if event is None:
-                return
-            yield event
+    def _settle(self) -> None:
+        """The end: keep only what is offered for download (nothing at all after a failure or Cancel)."""
+        if self.result is not None:
+            _keep_only(self.dir, set(self.result.files))
+            state = "finished"
+            note = "finished" if not self.cancelled else "finished: Cancel came after the upload had started"
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            state = "cancelled" if isinstance(self.error, Cancelled) else "failed"
+            note = "cancelled: nothing was pushed, files removed" if state == "cancelled" else f"failed: {self.error}"
+        with self._changed:
+            self._state, self._ahead = state, None
+            self._log.note(note)
+            self.ended_at = time.monotonic()
+            self._changed_now()
 
-    def wait(self) -> JobResult:
-        """The result once the job has finished, or its error raised here."""
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
+    # -- what callers see ------------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        return self._state
 
-    def cancel(self) -> None:
-        self._cancel.set()
+    @property
+    def over(self) -> bool:
+        return self._state in ENDED
 
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
-    def close(self) -> None:
-        """Cancel if still running, wait for the pipeline's own cleanup, then remove the job folder."""
+    def visible_to(self, user: str | None) -> bool:
+        """A signed-in user's job is theirs alone; an anonymous job is open to whoever has its id."""
+        return self.owner is None or self.owner == user
+
+    def snapshot(self) -> Snapshot:
+        with self._changed:
+            return Snapshot(self._version, self._state, self._stage, self._done, self._total, self._ahead,
+                            self._log.text)
+
+    def follow(self, poll: float = 0.5) -> Iterator[Snapshot]:
+        """Snapshots as the job changes, and every `poll` seconds meanwhile; the last one is the job's end."""
+        seen = -1
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._version != seen, timeout=poll)
+                seen = self._version
+            snap = self.snapshot()
+            yield snap
+            if snap.state in ENDED:
+                return
+
+    async def watch(self, poll: float = 0.5) -> AsyncIterator[Snapshot]:
+        """Snapshots as the job changes, checked every `poll` seconds without holding a thread (for pages,
+        which may watch many jobs at once); the last one is the job's end."""
+        seen = -1
+        while True:
+            snap = self.snapshot()
+            if snap.version != seen:
+                seen = snap.version
+                yield snap
+            if snap.state in ENDED:
+                return
+            await asyncio.sleep(poll)
+
+    def status(self) -> dict[str, Any]:
+        """The JSON of /job_status: no token, no paths."""
+        snap = self.snapshot()
+        left = None
+        if self.ended_at is not None:
+            left = max(0, round(self.ended_at + retention_s() - time.monotonic()))
+        return {"job_id": self.id, "state": snap.state, "stage": snap.stage, "done": snap.done, "total": snap.total,
+                "jobs_ahead": snap.ahead, "log": snap.log.splitlines(), "cancel_requested": self.cancelled,
+                "report": self.result.report if self.result is not None else None,
+                "error": _one_line(self.error) if self.error is not None else None,
+                "removed_in_s": left}
+
+    def wait(self, timeout: float | None = None) -> JobResult:
+        """The result once the job has finished, or its error raised here."""
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        if self.result is None:
+            raise TimeoutError("the job is still running")
+        return self.result
+
+    def cancel(self) -> None:
+        """Stop at the next step (or before starting, if it is still waiting); everything it wrote is removed."""
         self._cancel.set()
+        self._lane.wake()
+
+    def remove(self) -> None:
+        """Cancel if still running, wait for the pipeline's own cleanup, then remove the job folder."""
+        self.cancel()
         self._thread.join()
         shutil.rmtree(self.dir, ignore_errors=True)
+        _live_dirs.discard(self.dir)
 
 
-class JobBoard:
-    """The running job of each browser session or API client, so Cancel (or closing the tab) reaches it."""
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
-    def __init__(self) -> None:
+
+def _keep_only(folder: Path, keep: set[Path]) -> None:
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+
+
+class Registry:
+    """Every job of this process by id, whoever started it and whether or not anyone still watches it."""
+
+    def __init__(self, lane: Lane = LANE, sweep_every: float | None = None):
+        self._lane = lane
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._sweep_every = sweep_every       # also sweep in the background, so an idle server frees its disk
+        self._sweeper: threading.Thread | None = None
 
-    def add(self, key: str, job: Job) -> None:
-        with self._lock:
-            self._jobs[key] = job
+    def _sweep_forever(self) -> None:
+        assert self._sweep_every is not None
+        while True:
+            time.sleep(self._sweep_every)
+            try:
+                self.sweep()
+            except Exception:  # a folder that cannot be read now is tried again next time
+                pass
 
-    def remove(self, key: str, job: Job) -> None:
+    def start(self, spec: JobSpec, token: str | None, owner: str | None, session: str | None = None) -> Job:
+        self.sweep()
         with self._lock:
-            if self._jobs.get(key) is job:
-                del self._jobs[key]
+            if self._sweep_every and self._sweeper is None:
+                self._sweeper = threading.Thread(target=self._sweep_forever, name="quantspace-sweep", daemon=True)
+                self._sweeper.start()
+        with self._lock:
+            queued = sum(1 for j in self._jobs.values() if j.state == "queued")
+        if queued >= max_queued():
+            raise BusyError(f"{queued} jobs are already waiting for their turn; try again in a few minutes.")
+        job = Job(spec, token, owner, session, lane=self._lane)
+        with self._lock:
+            self._jobs[job.id] = job
+        return job
 
-    def cancel(self, key: str) -> bool:
+    def get(self, job_id: str, user: str | None) -> Job:
+        """The job if `user` may see it; the same error whether it never existed, expired or is someone else's."""
+        self.sweep()
         with self._lock:
-            job = self._jobs.get(key)
-        if job is None:
+            job = self._jobs.get((job_id or "").strip())
+        if job is None or not job.visible_to(user):
+            raise not_found()
+        return job
+
+    def cancel(self, job_id: str, user: str | None) -> Job:
+        job = self.get(job_id, user)
+        if not job.over:
+            job.cancel()
+        return job
+
+    def cancel_session(self, session: str | None) -> bool:
+        """Cancel the jobs one client (browser tab, gradio_client Client) started that are still going."""
+        if not session:
             return False
-        job.cancel()
-        return True
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if j.session == session and not j.over and not j.cancelled]
+        for job in jobs:
+            job.cancel()
+        return bool(jobs)
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Remove jobs that ended more than the retention time ago (their folders too), and folders no job
+        of this process owns that are older than that (left by an earlier run). Returns the removed ids."""
+        now = time.monotonic() if now is None else now
+        keep = retention_s()
+        with self._lock:
+            gone = [j for j in self._jobs.values() if j.ended_at is not None and now - j.ended_at >= keep]
+            for job in gone:
+                del self._jobs[job.id]
+        for job in gone:
+            shutil.rmtree(job.dir, ignore_errors=True)
+            _live_dirs.discard(job.dir)
+        wall = time.time()
+        for folder in jobs_root().glob("job-*"):
+            try:
+                stale = folder not in _live_dirs and wall - folder.stat().st_mtime >= keep
+            except OSError:
+                continue
+            if stale:
+                shutil.rmtree(folder, ignore_errors=True)
+        return [j.id for j in gone]
+
+
+REGISTRY = Registry(sweep_every=600)

@@ -7,16 +7,17 @@ Built from `quantspace.formats.REGISTRY`: every format gets a tab with its varia
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
 import gradio as gr
 import pandas as pd
 
+from ..errors import QuantSpaceError
 from ..formats import REGISTRY, Format, Option, get_format
 from ..preflight import on_space, on_zero_gpu, preflight
 from . import api
-from .jobs import JobSpec, jobs_root
-from .views import Log, card_body, plot_rows, preflight_markdown, result_markdown
+from .jobs import Job, JobSpec, retention_s
+from .views import card_body, job_link, plot_rows, preflight_markdown, result_markdown
 
 INTRO = """# 🧮 QuantSpace
 Turn a Hugging Face model into files your hardware can run, and see what each file costs in accuracy:
@@ -44,8 +45,11 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald",
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """What `launch()` needs beside the server address (the theme and CSS are launch options in Gradio 6)."""
-    return {"theme": THEME, "css": CSS, "allowed_paths": [str(jobs_root())], "show_error": True}
+    """What `launch()` needs beside the server address (the theme and CSS are launch options in Gradio 6).
+
+    No `allowed_paths`: the job folders are never served by path. Files a handler returns to its visitor are
+    copied by Gradio into its cache under content-hash paths, which only that visitor is told."""
+    return {"theme": THEME, "css": CSS, "show_error": True}
 
 
 def sign_in_off_reason() -> str | None:
@@ -183,6 +187,8 @@ def build_demo() -> gr.Blocks:
                     cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")
             with gr.Column(scale=6):
                 gr.Markdown("### Progress")
+                current = gr.State("")         # the id of the job this page shows
+                link = gr.Markdown(elem_id="job-link")
                 log = gr.Textbox(label="Live log", lines=12, max_lines=16, autoscroll=True, interactive=False,
                                  placeholder="Each stage of the run appears here as it happens.",
                                  elem_id="log")
@@ -271,10 +277,10 @@ def build_demo() -> gr.Blocks:
         target.blur(**checks)
 
         # -- run -----------------------------------------------------------------------------------------
-        outputs = [log, result, plot, files, card, card_box, run, cancel]
+        outputs = [log, result, plot, files, card, card_box, run, cancel, current, link]
 
-        def on_run(data: dict, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None,
-                   request: gr.Request, progress: gr.Progress = gr.Progress()) -> Iterator[dict]:
+        async def on_run(data: dict, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None,
+                         request: gr.Request, progress: gr.Progress = gr.Progress()) -> AsyncIterator[dict]:
             name = data[method]
             tab = next(t for t in tabs if t.name == name)
             if tab.reason:
@@ -288,57 +294,74 @@ def build_demo() -> gr.Blocks:
                            private=bool(data[private]), evaluate=bool(data[evaluate]))
             if want_push and not spec.target:
                 raise gr.Error("Enter a target repo (owner/name), or untick 'Push to the Hub'.")
-            yield from _run_job(spec, api.token_for("", oauth_token), request, progress)
+            owner = profile.username if profile is not None else None
+            job = api.start_job(spec, api.token_for("", oauth_token), owner, request)   # refusals leave the page
+            async for update in _watch(job, progress):
+                yield update
 
-        def _run_job(spec: JobSpec, token: str | None, request: gr.Request, progress: gr.Progress) -> Iterator[dict]:
-            job = api.start_job(spec, token, request)   # refusals (e.g. no token to push) leave the page as is
-            lines = Log()
-            lines.note(f"started {spec.model} → {spec.method.upper()} {', '.join(spec.variants)}")
+        async def _watch(job: Job, progress: gr.Progress) -> AsyncIterator[dict]:
+            """Stream a job's log to the page, then its result; the job itself goes on if the page goes."""
+            snap = job.snapshot()
+            yield {current: job.id, link: job_link(job.id, job.owner, retention_s()), log: snap.log, result: "",
+                   plot: gr.update(visible=False), files: gr.update(visible=False),
+                   card_box: gr.update(visible=False), run: gr.update(interactive=False),
+                   cancel: gr.update(interactive=not job.over)}
+            async for snap in job.watch():
+                if snap.state == "queued" and snap.ahead is not None:
+                    progress(None, desc=f"queued: {snap.ahead} ahead")
+                elif snap.stage:
+                    progress((snap.done, snap.total), desc=snap.stage)
+                yield {log: snap.log}
+            ended = {log: job.snapshot().log, run: gr.update(interactive=True), cancel: gr.update(interactive=False)}
+            res = job.result
+            if res is None:
+                yield ended
+                raise api.readable(job.error or RuntimeError("the job ended without a result")) from None
+            # Gradio copies these files into its cache for this visitor only; the job folder keeps them until
+            # the job's retention ends, so reopening the job later offers them again.
+            yield {**ended, result: result_markdown(res.report), plot: _plot_update(plot_rows(res.report)),
+                   files: gr.update(value=[str(p) for p in res.files if p.is_file()], visible=True),
+                   card: card_body(res.card), card_box: gr.update(visible=True, open=False)}
+
+        async def on_open(profile: gr.OAuthProfile | None, request: gr.Request,
+                          progress: gr.Progress = gr.Progress()) -> AsyncIterator[dict]:
+            """Opened as ?job=<id>: show that job (its owner only), live until it ends, then its result."""
+            wanted = (request.query_params.get("job") or "").strip() if request is not None else ""
+            if not wanted:
+                yield {link: gr.skip()}
+                return
             try:
-                yield {log: lines.text, result: "", plot: gr.update(visible=False), files: gr.update(visible=False),
-                       card_box: gr.update(visible=False), run: gr.update(interactive=False),
-                       cancel: gr.update(interactive=True)}
-                for event in job.follow():
-                    if event is not None:
-                        stage, done, total = event
-                        lines.update(stage, done, total)
-                        progress((done, total), desc=stage)
-                        yield {log: lines.text}
-                try:
-                    res = job.wait()
-                except BaseException as exc:
-                    lines.note("cancelled: nothing was pushed, files removed" if job.cancelled else f"failed: {exc}")
-                    yield {log: lines.text, run: gr.update(interactive=True), cancel: gr.update(interactive=False)}
-                    raise api.readable(exc) from None
-                lines.note("finished" if not job.cancelled else "finished: Cancel came after the upload had started")
-                rows = plot_rows(res.report)
-                keep = [res.folder / "quantspace.json"]
-                if not res.report.get("repo_url"):   # not pushed: the files themselves are the result
-                    keep += [res.folder / f for entry in res.report["files"]
-                             for f in (entry.get("files") or [entry["filename"]])]
-                # Gradio copies these into its cache before the job folder is removed (after this yield).
-                yield {log: lines.text, result: result_markdown(res.report),
-                       plot: _plot_update(rows),
-                       files: gr.update(value=[str(p) for p in keep], visible=True),
-                       card: card_body(res.card), card_box: gr.update(visible=True, open=False),
-                       run: gr.update(interactive=True), cancel: gr.update(interactive=False)}
-            finally:
-                api.finish_job(job, request)
+                job = api.REGISTRY.get(wanted, profile.username if profile is not None else None)
+            except QuantSpaceError as exc:
+                yield {link: f"⚠️ {exc}"}
+                return
+            async for update in _watch(job, progress):
+                yield update
+
+        def on_cancel(job_id: str, profile: gr.OAuthProfile | None) -> None:
+            try:
+                api.REGISTRY.cancel(job_id, profile.username if profile is not None else None)
+            except QuantSpaceError:
+                pass   # already removed: nothing to stop
 
         run_inputs = {model, method, target, push, private, evaluate, *variants_of.values(),
                       *(c for t in tabs for _, c in t.options)}
-        run.click(on_run, run_inputs, outputs, api_visibility="private", concurrency_limit=1,
-                  concurrency_id="heavy")
-        cancel.click(api.cancel_api, None, None, api_visibility="private", queue=False)
-
-        def on_unload(request: gr.Request) -> None:
-            api.BOARD.cancel(api.session_key(request))   # closing the tab cancels its job
-
-        demo.unload(on_unload)
+        # The job waits for its turn in jobs.LANE (one heavy job at a time, its place shown in the log), so
+        # starting and watching it need no Gradio slot: the visitor gets the job's link at once.
+        run.click(on_run, run_inputs, outputs, api_visibility="private", concurrency_limit=None,
+                  concurrency_id="watch")
+        cancel.click(on_cancel, current, None, api_visibility="private", queue=False)
+        # Closing the tab leaves the job running (its link reopens it); only Cancel stops it. Watching holds no
+        # thread (it polls asynchronously), so any number of tabs may watch.
+        demo.load(on_open, None, outputs, api_visibility="private", concurrency_limit=None, concurrency_id="watch")
 
         # -- the named API -------------------------------------------------------------------------------
         gr.api(api.search_models, api_name="search_models", concurrency_limit=4, concurrency_id="preflight")
         gr.api(api.preflight_api, api_name="preflight", concurrency_limit=4, concurrency_id="preflight")
-        gr.api(api.quantize_api, api_name="quantize", concurrency_limit=1, concurrency_id="heavy")
+        gr.api(api.quantize_api, api_name="quantize", concurrency_limit=None,
+               concurrency_id="watch")   # jobs.LANE keeps one heavy job at a time
+        gr.api(api.start_job_api, api_name="start_job", concurrency_limit=4, concurrency_id="preflight")
+        gr.api(api.job_status_api, api_name="job_status", queue=False)
+        gr.api(api.cancel_job_api, api_name="cancel_job", queue=False)
         gr.api(api.cancel_api, api_name="cancel", queue=False)
     return demo

@@ -115,3 +115,12 @@ class Log:
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+def job_link(job_id: str, owner: str | None, retention_s: float) -> str:
+    """The link to a job, shown once it starts: the way back to it after closing the tab or from elsewhere."""
+    who = (f"signed in as **{owner}**" if owner else
+           "with this link alone (you are not signed in, so anyone who has it can open it: keep it to yourself)")
+    return (f"**Job** [`{job_id[:8]}…`](?job={job_id}) · it keeps running if you close this tab: open "
+            f"[this link](?job={job_id}) again, here or on another device, {who}, to see its progress and "
+            f"result. Results are kept for {retention_s / 3600:g} h after the job ends.")
