@@ -212,7 +212,11 @@ def convert(model_dir: Path, out_path: Path, *, out_type: str = "F16", name: str
         writer.close()
         os.replace(tmp, out_path)
     except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+        try:
+            writer.close()   # flushing may fail again (a full disk): the partial file goes regardless
+        except OSError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
         raise
     return out_path
