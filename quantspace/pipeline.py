@@ -227,15 +227,21 @@ def _disk_full(exc: OSError, fmt: Format, info: SourceInfo, chosen: list[str], o
     where = Path(exc.filename).parent if exc.filename else out_dir.parent
     in_work = work in where.parents or where == work
     needed = _disk_needed(fmt, info, chosen, in_work, evaluating, settings)
+    in_out = where == out_dir.parent or out_dir.parent in where.parents
+    place = work.parent if in_work else out_dir.parent if in_out else where   # else: e.g. the Hub cache's disk
+    if not (in_work or in_out):
+        needed = None
     try:
-        free = f"{format_size(shutil.disk_usage(where if where.exists() else out_dir.parent).free)} free"
+        free = f"{format_size(shutil.disk_usage(place).free)} free"
     except OSError:
         free = "free space unknown"
-    why = "the file-size limit (ulimit -f) was reached" if exc.errno == errno.EFBIG else "the disk is full"
-    hint = "set TMPDIR to a bigger disk" if in_work else "pass --out on a bigger disk"
     need = f"; this job needs about {format_size(needed)} there" if needed else ""
-    return DiskFullError(f"Out of disk space in {where if in_work else out_dir.parent} ({free}): {why}{need}; "
-                         f"free some space or {hint}. Nothing was kept.")
+    if exc.errno == errno.EFBIG:
+        return DiskFullError(f"A file in {place} hit this process's file-size limit (ulimit -f){need}: raise the "
+                             "limit and run again. Nothing was kept.")
+    hint = "set TMPDIR to a bigger disk" if in_work else "pass --out on a bigger disk"
+    return DiskFullError(f"Out of disk space in {place} ({free}){need}: free some space or {hint}. "
+                         "Nothing was kept.")
 
 
 def _disk_needed(fmt: Format, info: SourceInfo, chosen: list[str], in_work: bool, evaluating: bool,
