@@ -7,8 +7,8 @@ job client saw, the app's peak RSS (its process tree), and isolation checks: no 
 files, progress log or result; every job folder is gone at the end.
 
     . .venv/bin/activate
-    python bench/bench_space_load.py                  # 8 clients, 3 jobs
-    python bench/bench_space_load.py --clients 8 --jobs 3 --evaluate --json /tmp/load.json
+    python bench/bench_space_load.py                  # 8 clients, 3 jobs (measuring accuracy)
+    python bench/bench_space_load.py --clients 8 --jobs 3 --no-evaluate --json /tmp/load.json
 
 Only the /preflight and /quantize endpoints are used (README, "API"), so the script keeps working while the
 job API grows.
@@ -81,7 +81,7 @@ def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+    return round(values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))], 1)
 
 
 @dataclass
@@ -143,7 +143,10 @@ def storm(url: str, i: int, stop: threading.Event, samples: list[tuple[float, fl
     client = Client(url, verbose=False)
     while not stop.is_set():
         t0 = time.monotonic()
-        res = client.predict(MODEL, "gguf", ["Q4_K_M"], target(i), True, token(i), api_name="/preflight")
+        try:
+            res = client.predict(MODEL, "gguf", ["Q4_K_M"], target(i), True, token(i), api_name="/preflight")
+        except Exception as exc:  # counted as a failed preflight; the storm goes on
+            res = {"ok": False, "problems": [f"{type(exc).__name__}: {exc}"]}
         samples.append((t0, time.monotonic(), i, res))
 
 
@@ -151,7 +154,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=3, help="clients that submit a quantize job (the rest storm)")
-    ap.add_argument("--evaluate", action="store_true", help="measure accuracy in the jobs (slower)")
+    ap.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                    help="skip the accuracy measurement in the jobs (they are then very short)")
+    ap.add_argument("--idle-s", type=float, default=5.0, help="seconds of preflights before the jobs start")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     assert 0 < args.jobs < args.clients <= len(JOB_VARIANTS)
@@ -197,7 +202,7 @@ def main() -> int:
             t0 = time.monotonic()
             for t in storms:
                 t.start()
-            time.sleep(2.0)   # some preflights with no job running, for comparison
+            time.sleep(args.idle_s)   # preflights with no job running, for comparison
             for t in jobs:
                 t.start()
                 time.sleep(0.2)
@@ -254,15 +259,18 @@ def main() -> int:
             "clients": args.clients, "jobs": args.jobs, "evaluate": args.evaluate, "wall_s": round(wall, 1),
             "app_start_s": round(launch_s, 1),
             "preflight_calls": len(samples),
+            "preflight_failed": sum(1 for *_, res in samples if not res.get("ok")),
+            "preflight_problems": sorted({p for *_, res in samples for p in res.get("problems", [])})[:5],
             "preflight_ms_while_job_runs": {"n": len(lat_busy), "p50": pct(lat_busy, 50), "p95": pct(lat_busy, 95)},
             "preflight_ms_no_job": {"n": len(lat_idle), "p50": pct(lat_idle, 50), "p95": pct(lat_idle, 95)},
             "job_s": {w.variant: round((w.finished or 0) - (w.started or 0), 1) for w in watches},
             "queue_positions_seen": {w.variant: sorted({r for r, _ in w.ranks if r is not None}) for w in watches},
+            "queue_size_max": max((q for w in watches for _, q in w.ranks if q is not None), default=None),
             "job_logs": {w.variant: w.log for w in watches},
             "rss_mb": {"idle": round(idle_rss / 2**20), "peak": round(max(rss_peak) / 2**20)},
             "isolation_problems": problems,
         }
-    print(json.dumps(figures, indent=2, default=lambda x: round(x, 1) if isinstance(x, float) else str(x)))
+    print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 1 if problems else 0
