@@ -22,6 +22,8 @@ LOCK_NAME = ".lock"
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -38,8 +40,7 @@ def _abandoned(folder: Path) -> bool:
         fd = os.open(lock, os.O_RDWR)
     except FileNotFoundError:
         # Created, then killed before the lock existed: the PID in the name tells whether its job still runs.
-        parts = folder.name.rsplit("-", 2)
-        return not (len(parts) == 3 and parts[1].isdigit() and _pid_alive(int(parts[1])))
+        return not _pid_alive(_pid_in(folder.name))
     except OSError:
         return False
     try:
@@ -66,7 +67,18 @@ def sweep(parent: Path, prefix: str) -> list[Path]:
         if _abandoned(folder):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
+    # A folder still being set up (killed in those few microseconds): only its PID can tell.
+    setup = f".setup-{prefix.lstrip('.')}"
+    for folder in (p for p in parent.iterdir() if p.name.startswith(setup) and p.is_dir()):
+        if not _pid_alive(_pid_in(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
     return removed
+
+
+def _pid_in(name: str) -> int:
+    parts = name.rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
 
 
 class LockedDir:
@@ -77,12 +89,20 @@ class LockedDir:
 
     def __init__(self, parent: Path, prefix: str):
         parent.mkdir(parents=True, exist_ok=True)
-        self.path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
-        self.path.mkdir()
-        self._fd: int | None = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        os.write(self._fd, str(os.getpid()).encode())
-        if fcntl is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        name = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        # Set up under a name no sweep looks at, then renamed (atomic): a sweep never sees it unlocked.
+        setup = parent / f".setup-{name.lstrip('.')}"
+        setup.mkdir()
+        try:
+            self._fd: int | None = os.open(setup / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(self._fd, str(os.getpid()).encode())
+            self.path = parent / name
+            os.rename(setup, self.path)
+        except BaseException:
+            shutil.rmtree(setup, ignore_errors=True)
+            raise
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

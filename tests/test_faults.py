@@ -349,3 +349,33 @@ def test_sweep_removes_only_folders_no_running_job_holds(tmp_path):
     assert live.path.is_dir() and not dead.path.exists()
     live.close()
     assert not live.path.exists()
+
+
+# -- The test Hub's fault injection itself ---------------------------------------------------------------------
+
+def test_hub_faults_do_what_they_say(hub, tiny_bpe):
+    """Status faults answer instead of the Hub; "truncate" sends fewer bytes than announced; "drop" no answer."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    seed(hub, "quantorg/tiny", tiny_bpe)
+    size = (tiny_bpe / "model.safetensors").stat().st_size
+    hub.inject(SAFETENSORS_GET, [{"status": 429, "retry_after": 3}, "truncate", "drop"], method="GET")
+    host = urlsplit(hub.url)
+
+    def get() -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection(host.hostname, host.port, timeout=10)
+        conn.request("GET", "/quantorg/tiny/resolve/main/model.safetensors")
+        return conn.getresponse()
+
+    r = get()
+    assert r.status == 429 and r.getheader("Retry-After") == "3"
+    r = get()
+    assert r.status == 200 and int(r.getheader("Content-Length")) == size
+    with pytest.raises(http.client.IncompleteRead):
+        r.read()
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        get()
+    r = get()   # the faults are used up: served normally
+    assert r.status == 200 and len(r.read()) == size
+    assert [f for *_, f in hub.faults_log] == [str({"status": 429, "retry_after": 3}), "truncate", "drop"]
