@@ -198,6 +198,7 @@ def fetch(info: SourceInfo, token: str | None = None, cache_dir: Path | None = N
     assert info.repo_id is not None
     repo_id = info.repo_id
     patterns = [*CONFIG_FILES, *TOKENIZER_FILES, *info.weight_files, "README.md"]
+    drop_abandoned_downloads(repo_id, cache_dir)
     failure = ""
     for attempt in range(retry.ATTEMPTS):
         exc: Exception | None = None
@@ -221,6 +222,29 @@ def fetch(info: SourceInfo, token: str | None = None, cache_dir: Path | None = N
             retry.sleep(retry.wait_before(attempt, exc))
     raise DownloadError(f"Downloading {repo_id} failed after {retry.ATTEMPTS} tries ({failure}); "
                         "try again later.")
+
+
+def drop_abandoned_downloads(repo_id: str, cache_dir: Path | None = None) -> list[Path]:
+    """Remove what a killed download left in the Hub cache: huggingface_hub downloads each file to a unique
+    `<etag>.<random>.incomplete` name that no later download reuses, holding `<etag>.lock` meanwhile; a
+    partial file whose lock is free belongs to no running download."""
+    from filelock import FileLock, Timeout
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = Path(cache_dir or constants.HF_HUB_CACHE)
+    folder = repo_folder_name(repo_id=repo_id, repo_type="model")
+    removed = []
+    for partial in (cache / folder / "blobs").glob("*.incomplete"):
+        etag = partial.name.split(".")[0]
+        lock_path = cache / ".locks" / folder / f"{etag}.lock"
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(lock_path), timeout=0):
+                partial.unlink(missing_ok=True)
+                removed.append(partial)
+        except (Timeout, OSError):
+            continue   # a download in progress (another job), or a lock we cannot take: leave it
+    return removed
 
 
 def _snapshot(info: SourceInfo, patterns: list[str], token: str | None, cache_dir: Path | None,

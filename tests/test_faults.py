@@ -260,13 +260,22 @@ def _stage_seen(marker: str):
     return lambda text, hub: marker in text
 
 
+def _partial_downloads() -> list[Path]:
+    return [p for p in Path(os.environ["HF_HUB_CACHE"]).glob("models--*/blobs/*.incomplete")]
+
+
+def _download_under_way(text: str, hub) -> bool:
+    return any(p.stat().st_size > 0 for p in _partial_downloads() if p.exists())
+
+
 def _upload_started(text: str, hub) -> bool:
     return any(m == "PUT" and p.startswith("/_lfs/") for m, p in list(hub.requests_log))
 
 
 # What the CLI prints when the stage after the killed one starts: it must not have been reached.
-NEXT_STAGE = {"convert": "quantize Q4_K_M", "quantize": "evaluate source", "evaluate": "card", "upload": None}
+NEXT_STAGE = {"download": "convert F16", "convert": "quantize Q4_K_M", "quantize": "evaluate source", "evaluate": "card", "upload": None}
 KILL_AT = {
+    "download": _download_under_way,
     "convert": _stage_seen("convert F16"),
     "quantize": _stage_seen("quantize Q4_K_M"),
     "evaluate": _stage_seen("evaluate source"),
@@ -318,10 +327,11 @@ def test_sigkill_at_each_stage_then_rerun(hub, smollm2, tmp_path, tmpdir_env, mo
     if HfApi().repo_exists(target, token=ALICE_TOKEN):
         assert _our_commits(hub, target) == []
     assert len(list(out_dir.parent.glob(".quantspace-partial-*"))) == 1   # what the rerun must clean
+    assert bool(_partial_downloads()) == (stage == "download")   # a killed download leaves a partial file
 
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert leftovers(out_dir, tmpdir_env) == []
+    assert leftovers(out_dir, tmpdir_env) == [] and _partial_downloads() == []
     names = {"SmolLM2-135M-Instruct-Q4_K_M.gguf", "README.md", "quantspace.json"}
     assert {p.name for p in out_dir.iterdir()} == names
     report = Report.load(out_dir / "quantspace.json")
