@@ -8,6 +8,7 @@ see each other's folders as in use.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -49,8 +50,11 @@ def _abandoned(folder: Path) -> bool:
             return not (pid.isdigit() and _pid_alive(int(pid)))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
+        except OSError as exc:
+            if exc.errno != errno.ENOLCK:
+                return False    # held: its job is running
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            return not (pid.isdigit() and _pid_alive(int(pid)))
         return True   # our lock on it goes away with the fd below; the folder is removed right after
     finally:
         os.close(fd)
@@ -96,7 +100,11 @@ class LockedDir:
         try:
             self._fd: int | None = os.open(setup / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             if fcntl is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno != errno.ENOLCK:   # a filesystem without locks: the PID written below says it
+                        raise
             os.write(self._fd, str(os.getpid()).encode())
             self.path = parent / name
             os.rename(setup, self.path)
