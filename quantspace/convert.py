@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -212,8 +213,39 @@ def convert(model_dir: Path, out_path: Path, *, out_type: str = "F16", name: str
                 progress(done, total)
         writer.close()
         os.replace(tmp, out_path)
+    except OSError as exc:
+        named = _with_errno(exc, tmp)   # before the partial file goes: its size tells which limit was hit
+        _discard(writer, tmp)
+        if named is exc:
+            raise
+        raise named from None
     except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+        _discard(writer, tmp)
         raise
     return out_path
+
+
+def _discard(writer: gguf.GGUFWriter, tmp: Path) -> None:
+    try:
+        writer.close()   # flushing may fail again (a full disk): the partial file goes regardless
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _with_errno(exc: OSError, path: Path) -> OSError:
+    """numpy's tofile reports a short write without an errno ("N requested and M written"): that is the disk
+    refusing more bytes, either full (ENOSPC) or past this process's file-size limit (EFBIG)."""
+    if exc.errno is not None or "requested and" not in str(exc):
+        return exc
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    code = errno.EFBIG if limit != resource.RLIM_INFINITY and size >= limit - (1 << 20) else errno.ENOSPC
+    return OSError(code, os.strerror(code), str(path))
+

@@ -61,3 +61,11 @@ class QuantizeError(QuantSpaceError):
 
 class CalibrationError(QuantSpaceError):
     """The calibration data set is missing, unreadable or too short."""
+
+
+class DiskFullError(QuantSpaceError):
+    """A disk (the output folder's or the temp folder's) filled up, or a file-size limit was hit."""
+
+
+class DownloadError(QuantSpaceError):
+    """The source's files could not be downloaded intact, even after retrying."""

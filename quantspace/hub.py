@@ -5,9 +5,11 @@ The token is passed to huggingface_hub and nowhere else: never printed, logged o
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
+from . import retry
 from .errors import AuthError, BadOptionError, HubUnreachableError, PushError
 from .source import REPO_ID, TransportError, unreachable
 
@@ -71,26 +73,82 @@ def check_target(repo_id: str, token: str | None) -> str:
 
 def push_folder(folder: Path, files: list[str], repo_id: str, token: str, private: bool,
                 message: str) -> str:
-    """Upload `files` (relative to folder) in one commit; a repo created here is removed again on failure."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """Upload `files` (relative to folder) in one commit; a repo created here is removed again on failure.
+
+    A busy Hub (429/5xx) or a dropped connection is retried with backoff. The commit names its parent, so a
+    repeat can never land twice; and when a commit's answer is lost, the repo's head tells whether it landed.
+    """
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
     created = False
     try:
-        if not api.repo_exists(repo_id, token=token):
-            api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+        if not retry.call(lambda: api.repo_exists(repo_id, token=token)):
+            retry.call(lambda: api.create_repo(repo_id, private=private, exist_ok=True, token=token))
             created = True
-        ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
-        commit = api.create_commit(repo_id, operations=ops, commit_message=message, token=token)
+        return _commit(api, folder, files, repo_id, token, message)
     except (HfHubHTTPError, TransportError, OSError, ValueError) as exc:
         if created:
             try:
-                api.delete_repo(repo_id, token=token)
+                retry.call(lambda: api.delete_repo(repo_id, token=token))
             except (HfHubHTTPError, TransportError):
                 pass
-        raise PushError(f"Upload to {repo_id} failed, nothing was committed: {str(exc).splitlines()[0]}") from None
-    return str(commit.commit_url)
+        raise PushError(f"Upload to {repo_id} failed, nothing was committed: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    status = retry.status_of(exc)
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, TransportError):
+        return f"the connection to the Hub broke ({type(exc).__name__}); try again later."
+    if status in retry.TRANSIENT_STATUS:
+        return f"the Hub kept answering HTTP {status} after {retry.ATTEMPTS} tries; try again later."
+    return first
+
+
+def _commit(api: Any, folder: Path, files: list[str], repo_id: str, token: str, message: str) -> str:
+    from huggingface_hub import CommitOperationAdd
+
+    parent = retry.call(lambda: api.repo_info(repo_id, token=token).sha)
+    for attempt in range(retry.ATTEMPTS):
+        ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+        try:
+            # parent_commit: should an earlier try have landed unseen, this one is refused, not a 2nd commit.
+            return str(api.create_commit(repo_id, operations=ops, commit_message=message, token=token,
+                                         parent_commit=parent).commit_url)
+        except Exception as exc:
+            if not retry.transient(exc):
+                raise
+            head = retry.call(lambda: api.model_info(repo_id, files_metadata=True, token=token))
+            if head.sha != parent and _holds(head, folder, files):
+                return f"{repo_url(repo_id)}/commit/{head.sha}"   # it landed; only the answer was lost
+            if head.sha != parent:
+                raise PushError(f"{repo_id} changed on the Hub during the upload (someone else committed); "
+                                "nothing of this run was committed; try again.") from None
+            if attempt + 1 >= retry.ATTEMPTS:
+                raise
+            retry.sleep(retry.wait_before(attempt, exc))
+    raise AssertionError("unreachable")
+
+
+def _holds(info: Any, folder: Path, files: list[str]) -> bool:
+    """Whether the repo at `info` has exactly our files (by size and hash)."""
+    remote = {s.rfilename: s for s in info.siblings or []}
+    for name in files:
+        sibling, path = remote.get(name), folder / name
+        if sibling is None or sibling.size != path.stat().st_size:
+            return False
+        if sibling.lfs:
+            h = hashlib.sha256()
+        else:
+            h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != (sibling.lfs.sha256 if sibling.lfs else sibling.blob_id):
+            return False
+    return True
 
 
 def repo_url(repo_id: str) -> str:

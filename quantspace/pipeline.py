@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import importlib.metadata
+import math
+import os
 import shlex
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from . import scratch
 from .card import build_card
 from .formats import Context, Format, GpuRunner, Output, check_options, get_format, resolve_device, run_directly
-from .errors import BadOptionError
+from .errors import BadOptionError, DiskFullError
 from .hub import check_target, push_folder, repo_url, resolve_token
-from .report import EvalInfo, FileResult, Report
+from .report import EvalInfo, FileResult, Report, format_size
 from .source import SourceInfo, card_license, fetch, resolve
 from .weights import all_entries, safetensors_from_pickle
 
@@ -135,18 +140,21 @@ def quantize(
 
     name = f"{info.name}-{fmt.suffix}"
     out_dir = Path(out) if out else Path("quantspace-out") / name
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    before = set(out_dir.iterdir())
+    out_dir = out_dir.absolute()
+    # What a killed run of this (or any) job left behind is removed first; nothing of it is reused.
+    scratch.sweep(out_dir.parent, _staging_prefix(out_dir))
+    scratch.sweep(Path(tempfile.gettempdir()), WORK_PREFIX)
     stages = _Stages(progress)
-    written: list[Path] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="quantspace-") as work:
-            model_dir = _fetch(info, token, Path(work), stages)
-            job = Context(stage=stages, options=opts, device=device, run_gpu=run_gpu, workdir=Path(work),
+    # Everything is written into a staging folder next to the output folder (same disk, so moving is
+    # instant) and moved in only when the whole job, upload included, has succeeded.
+    with _staging(out_dir) as staging, scratch.LockedDir(Path(tempfile.gettempdir()), WORK_PREFIX) as work_dir:
+        stage_dir, work = staging.path, work_dir.path
+        try:
+            model_dir = _fetch(info, token, work, stages)
+            job = Context(stage=stages, options=opts, device=device, run_gpu=run_gpu, workdir=work,
                           token=token, gpu_window_s=gpu_window_s)
-            outputs = fmt.produce(model_dir, out_dir, info.name, chosen, job)
-            written += [p for o in outputs for p in o.files]
+            outputs = fmt.produce(model_dir, stage_dir, info.name, chosen, job)
+            written = [p for o in outputs for p in o.files]
             n_params = parameter_count(model_dir)
             report = Report(
                 source=info.display if info.repo_id else info.name, revision=info.revision, method=fmt.name,
@@ -161,28 +169,103 @@ def quantize(
             )
             if text is not None:
                 _evaluate(fmt, model_dir, outputs, report, text, settings, job)
-        stages("card")
-        if push:
-            report.repo_id, report.repo_url = push, repo_url(push)
-        report.timings = stages.finish()
-        written.append(report.save(out_dir))
-        card = out_dir / "README.md"
-        build_card(report, fmt).save(card)
-        written.append(card)
-        if push:
-            assert token is not None
-            tick = stages("upload")
-            push_folder(out_dir, [p.name for p in written], push, token, private,
-                        f"Add {', '.join(chosen)} {fmt.title} of {report.source} (QuantSpace)")
-            tick(1, 1)  # the upload's own time is not in the report: the pushed report is the local one
-    except BaseException:
-        # Nothing half-written: a failed run removes every file it added to the output folder.
-        for path in set(out_dir.iterdir()) - before:
-            if path.is_file():
-                path.unlink()
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
+            stages("card")
+            if push:
+                report.repo_id, report.repo_url = push, repo_url(push)
+            report.timings = stages.finish()
+            written.append(report.save(stage_dir))
+            card = stage_dir / "README.md"
+            build_card(report, fmt).save(card)
+            written.append(card)
+            if push:
+                assert token is not None
+                tick = stages("upload")
+                push_folder(stage_dir, [p.name for p in written], push, token, private,
+                            f"Add {', '.join(chosen)} {fmt.title} of {report.source} (QuantSpace)")
+                tick(1, 1)  # the upload's own time is not in the report: the pushed report is the local one
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise _disk_full(exc, fmt, info, chosen, out_dir, work, text is not None, settings) from None
+            raise
+        _publish(stage_dir, written, out_dir)
+    return report
+
+
+WORK_PREFIX = "quantspace-work-"
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _staging_prefix(out_dir: Path) -> str:
+    return f".quantspace-partial-{out_dir.name}-"
+
+
+def _staging(out_dir: Path) -> scratch.LockedDir:
+    """The staging folder beside `out_dir`; inside it when only the output folder itself is writable."""
+    try:
+        return scratch.LockedDir(out_dir.parent, _staging_prefix(out_dir))
+    except PermissionError:
+        scratch.sweep(out_dir, _staging_prefix(out_dir))
+        return scratch.LockedDir(out_dir, _staging_prefix(out_dir))
+
+
+def _publish(stage_dir: Path, written: list[Path], out_dir: Path) -> None:
+    """Move the finished files into the output folder; the report and card go last, so a folder that has
+    quantspace.json has every file it lists."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last = ("quantspace.json", "README.md")
+    for path in sorted(written, key=lambda p: p.name in last):
+        target = out_dir / path.relative_to(stage_dir)
+        if target.is_dir() and not path.is_dir():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def _disk_full(exc: OSError, fmt: Format, info: SourceInfo, chosen: list[str], out_dir: Path, work: Path,
+               evaluating: bool, settings: "EvalSettings") -> DiskFullError:
+    """One line naming the disk that filled up and what the job needs there."""
+    where = Path(exc.filename).parent if exc.filename else out_dir.parent
+    in_work = work in where.parents or where == work
+    needed = _disk_needed(fmt, info, chosen, in_work, evaluating, settings)
+    in_out = where == out_dir.parent or out_dir.parent in where.parents
+    place = work.parent if in_work else out_dir.parent if in_out else where   # else: e.g. the Hub cache's disk
+    if not (in_work or in_out):
+        needed = None
+    try:
+        free = f"{format_size(shutil.disk_usage(place).free)} free"
+    except OSError:
+        free = "free space unknown"
+    need = f"; this job needs about {format_size(needed)} there" if needed else ""
+    if exc.errno == errno.EFBIG:
+        return DiskFullError(f"A file in {place} hit this process's file-size limit (ulimit -f){need}: raise the "
+                             "limit and run again. Nothing was kept.")
+    hint = "set TMPDIR to a bigger disk" if in_work else "pass --out on a bigger disk"
+    return DiskFullError(f"Out of disk space in {place} ({free}){need}: free some space or {hint}. "
+                         "Nothing was kept.")
+
+
+def _disk_needed(fmt: Format, info: SourceInfo, chosen: list[str], in_work: bool, evaluating: bool,
+                 settings: "EvalSettings") -> int | None:
+    """Bytes the job writes on the disk that filled: outputs + the 16-bit intermediate next to the output;
+    the evaluation scratch in the temp folder."""
+    from .formats import TensorStats
+    from .preflight import FP16_BYTES, eval_scratch_bytes
+
+    try:
+        if in_work:
+            return eval_scratch_bytes(info.config, settings.ctx, settings.max_chunks) if evaluating else None
+        entries = all_entries(info.local_dir) if info.local_dir is not None else None
+        if entries is None:
+            from .estimate import tensor_shapes
+
+            shapes = tensor_shapes(info, None)
+        else:
+            shapes = {e.name: e.shape for e in entries}
+        matrices = {n: math.prod(s) for n, s in shapes.items() if len(s) >= 2}
+        stats = TensorStats(matrices, sum(math.prod(s) for s in shapes.values() if len(s) < 2))
+        return sum(fmt.estimate(stats, chosen).values()) + FP16_BYTES * stats.total
+    except Exception:  # the estimate is a courtesy in an error message; never hide the disk error behind it
+        return None
     return report
 
 

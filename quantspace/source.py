@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,8 +21,8 @@ except ImportError:  # pragma: no cover - older huggingface_hub
     from httpx import TransportError
 
 from .archs import arch_of
-from .errors import (AuthError, BadOptionError, GatedRepoError, HubUnreachableError, MissingFileError,
-                     PickleRefusedError, QuantSpaceError, SourceNotFoundError, TokenizerError)
+from .errors import (AuthError, BadOptionError, DownloadError, GatedRepoError, HubUnreachableError,
+                     MissingFileError, PickleRefusedError, QuantSpaceError, SourceNotFoundError, TokenizerError)
 from .vocab import TOKENIZER_FILES, check_tokenizer_files
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
@@ -273,16 +274,115 @@ def _indexed_weights(folder: Path) -> list[str]:
 
 def fetch(info: SourceInfo, token: str | None = None, cache_dir: Path | None = None,
           tqdm_class: Callable[..., Any] | None = None) -> Path:
-    """Download config, tokenizer and weights (nothing else) and return the local folder."""
+    """Download config, tokenizer and weights (nothing else), check every file against the Hub's size and
+    hash, and return the local folder. A transient failure (HTTP 429/5xx, a dropped connection, a file cut
+    short) is retried with backoff; a file that does not match is deleted from the cache, never used."""
     if info.local_dir is not None:
         return info.local_dir
-    from huggingface_hub import snapshot_download
+    from . import retry
 
     assert info.repo_id is not None
+    repo_id = info.repo_id
     patterns = [*CONFIG_FILES, *TOKENIZER_FILES, *info.weight_files, "README.md"]
-    try:
-        path = snapshot_download(info.repo_id, revision=info.revision, allow_patterns=patterns, token=token,
-                                 cache_dir=cache_dir, tqdm_class=tqdm_class)
-    except HUB_ERRORS as exc:
-        raise hub_error(exc, info.repo_id, info.revision) from None
-    return Path(path)
+    drop_abandoned_downloads(repo_id, cache_dir)
+    failure = ""
+    for attempt in range(retry.ATTEMPTS):
+        exc: Exception | None = None
+        try:
+            folder = Path(_snapshot(info, patterns, token, cache_dir, tqdm_class))
+            bad = _check_download(folder, _hub_files(info, token))
+            if not bad:
+                return folder
+            failure = f"{', '.join(bad)} did not match the Hub's size/sha256 (a download cut short?)"
+        except HUB_ERRORS as err:
+            if not retry.transient(err):
+                raise hub_error(err, repo_id, info.revision) from None
+            exc, failure = err, _short(err)
+        except OSError as err:
+            # huggingface_hub's "Consistency check failed" (fewer bytes than announced) has no errno; one
+            # with an errno is a local disk problem, not the network: the pipeline names it.
+            if err.errno is not None and not retry.transient(err):
+                raise
+            exc, failure = err, _short(err)
+        if attempt + 1 < retry.ATTEMPTS:
+            retry.sleep(retry.wait_before(attempt, exc))
+    raise DownloadError(f"Downloading {repo_id} failed after {retry.ATTEMPTS} tries ({failure}); "
+                        "try again later.")
+
+
+def drop_abandoned_downloads(repo_id: str, cache_dir: Path | None = None) -> list[Path]:
+    """Remove what a killed download left in the Hub cache: huggingface_hub downloads each file to a unique
+    `<etag>.<random>.incomplete` name that no later download reuses, holding `<etag>.lock` meanwhile; a
+    partial file whose lock is free belongs to no running download."""
+    from filelock import FileLock, Timeout
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = Path(cache_dir or constants.HF_HUB_CACHE)
+    folder = repo_folder_name(repo_id=repo_id, repo_type="model")
+    removed = []
+    for partial in (cache / folder / "blobs").glob("*.incomplete"):
+        etag = partial.name.split(".")[0]
+        lock_path = cache / ".locks" / folder / f"{etag}.lock"
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(lock_path), timeout=0):
+                partial.unlink(missing_ok=True)
+                removed.append(partial)
+        except (Timeout, OSError):
+            continue   # a download in progress (another job), or a lock we cannot take: leave it
+    return removed
+
+
+def _snapshot(info: SourceInfo, patterns: list[str], token: str | None, cache_dir: Path | None,
+              tqdm_class: Callable[..., Any] | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(info.repo_id, revision=info.revision, allow_patterns=patterns, token=token,
+                             cache_dir=cache_dir, tqdm_class=tqdm_class)
+
+
+def _short(exc: BaseException) -> str:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"HTTP {status}" if status else f"{type(exc).__name__}: {first[:160]}"
+
+
+def _hub_files(info: SourceInfo, token: str | None) -> dict[str, tuple[int | None, str | None, str | None]]:
+    """name → (size, LFS sha256, git blob id) at the resolved revision, from the Hub's file metadata."""
+    from huggingface_hub import HfApi
+
+    from . import retry
+
+    meta = retry.call(lambda: HfApi(token=token).model_info(info.repo_id, revision=info.revision,
+                                                              files_metadata=True, token=token))
+    return {s.rfilename: (s.size, s.lfs.sha256 if s.lfs else None, s.blob_id) for s in meta.siblings or []}
+
+
+def _check_download(folder: Path, expected: dict[str, tuple[int | None, str | None, str | None]]) -> list[str]:
+    """Names of downloaded files whose size or hash differs from the Hub's; those are removed from the cache
+    (the link and the blob it points to), so the next try downloads them again."""
+    bad = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name not in expected:
+            continue
+        size, sha256, blob_id = expected[name]
+        ok = size is None or path.stat().st_size == size
+        if ok and sha256:
+            ok = _digest(path, hashlib.sha256()) == sha256
+        elif ok and blob_id and not sha256:
+            ok = _digest(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size)) == blob_id
+        if not ok:
+            bad.append(name)
+            blob = path.resolve()
+            path.unlink(missing_ok=True)
+            if blob != path:
+                blob.unlink(missing_ok=True)
+    return bad
+
+
+def _digest(path: Path, h: Any) -> str:
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -157,6 +157,7 @@ class HubServer:
         self._uploads: dict[str, tuple[tuple[str, str], str, int]] = {}  # ticket -> (repo key, oid, size)
         # (method, path) of every request in arrival order; the path is as sent (URL-quoted), without query.
         self.requests_log: list[tuple[str, str]] = []
+        self._faults = FaultPlan()  # fault injection (see the section at the end of this file)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
@@ -188,6 +189,15 @@ class HubServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def inject(self, path_regex: str, faults: Sequence[Fault], method: str | None = None) -> None:
+        """Answer the next requests whose path matches with these faults, one each (see `Fault`)."""
+        self._faults.add(path_regex, faults, method)
+
+    @property
+    def faults_log(self) -> list[tuple[str, str, str]]:
+        """(method, path, fault) of every fault served, in order."""
+        return self._faults.log
 
     def reset(self) -> None:
         """Forget repos, pending uploads and the request log (users are kept)."""
@@ -420,7 +430,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             # Upload URLs are pre-authorized (the client sends no token there, like for S3 URLs).
             self.user = None if LFS_PUT_RE.match(url.path) else hub._authenticate(self.headers.get("Authorization"))
-            self._route(url.path)
+            if not hub._faults.apply(self, url.path):
+                self._route(url.path)
         except (BrokenPipeError, ConnectionResetError):  # the client went away mid-response
             self.close_connection = True
             return
@@ -735,3 +746,89 @@ class _Handler(BaseHTTPRequestHandler):
                 while remaining > 0 and (chunk := f.read(min(remaining, 1 << 20))):
                     self.wfile.write(chunk)
                     remaining -= len(chunk)
+
+
+# == Fault injection ==============================================================================================
+# Kept apart from the protocol above. `hub.inject(path_regex, faults, method=None)` queues faults for the
+# requests whose (URL-quoted) path matches; each matching request consumes one, in order:
+#   503, 500, 429, ...        answered with that status instead of being handled (nothing happens on the Hub);
+#   {"status": 429, "retry_after": 2}   the same, with a Retry-After header (seconds);
+#   "drop"                    handled (a commit lands, a file is served), then the connection is closed before
+#                             any response byte: the client never learns the outcome;
+#   "truncate"                handled; the response's headers and half of its body are sent, then the
+#                             connection is closed (fewer bytes than Content-Length).
+#   "corrupt"                 handled; the body's bytes are flipped (same length): only a hash check sees it.
+
+Fault = Any  # int | dict | str, as above
+
+
+class _FaultyWriter:
+    """Wraps a handler's wfile to cut or spoil what the handler sends."""
+
+    def __init__(self, handler: BaseHTTPRequestHandler, mode: str):
+        self._handler, self._real, self._mode = handler, handler.wfile, mode
+        self._headers_sent = False
+        self._body_left: int | None = None
+
+    def _cut(self) -> None:
+        try:
+            self._handler.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raise ConnectionResetError("connection cut by an injected fault")
+
+    def write(self, data: bytes) -> int:
+        if self._mode == "drop":
+            self._cut()
+        if not self._headers_sent:  # BaseHTTPRequestHandler flushes all headers in one write
+            self._headers_sent = True
+            m = re.search(rb"\r\ncontent-length: *(\d+)", bytes(data), re.I)
+            self._body_left = int(m[1]) // 2 if m else 0
+            return self._real.write(data)
+        if self._mode == "corrupt":
+            return self._real.write(bytes(b ^ 0xFF for b in data))
+        assert self._body_left is not None
+        if len(data) >= self._body_left:
+            self._real.write(bytes(data)[: self._body_left])
+            self._real.flush()
+            self._cut()
+        self._body_left -= len(data)
+        return self._real.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class FaultPlan:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rules: list[tuple[re.Pattern[str], str | None, list[Fault]]] = []
+        self.log: list[tuple[str, str, str]] = []
+
+    def add(self, path_regex: str, faults: Sequence[Fault], method: str | None) -> None:
+        with self._lock:
+            self._rules.append((re.compile(path_regex), method.upper() if method else None, list(faults)))
+
+    def _take(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for regex, want, faults in self._rules:
+                if faults and (want is None or want == method) and regex.search(path):
+                    fault = faults.pop(0)
+                    self.log.append((method, path, str(fault)))
+                    return fault
+        return None
+
+    def apply(self, handler: Any, path: str) -> bool:
+        """Serve the next fault for this request, if any; True when the request was answered by it."""
+        fault = self._take(handler.command, path)
+        if fault is None:
+            return False
+        if isinstance(fault, str):
+            if fault not in ("drop", "truncate", "corrupt"):
+                raise ValueError(f"unknown fault {fault!r}")
+            handler.wfile = _FaultyWriter(handler, fault)
+            handler.close_connection = True
+            return False  # handled as usual; the writer spoils the answer
+        status, retry_after = (fault["status"], fault.get("retry_after")) if isinstance(fault, dict) else (fault, None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        raise HubError(int(status), f"Injected fault: HTTP {status}", headers=headers)

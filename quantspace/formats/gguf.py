@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -77,15 +77,22 @@ def llama_quantize(src: Path, dst: Path, ftype: int, threads: int | None = None)
     params.ftype = int(ftype)
     params.nthread = int(threads or os.cpu_count() or 1)
     tmp = dst.with_name(dst.name + ".partial")
-    log = Path(tempfile.gettempdir()) / f"quantspace-quantize-{os.getpid()}.log"
+    # Next to the output (a job's staging folder), so a killed run leaves nothing elsewhere.
+    log = dst.with_name(f".{dst.name}.quantize.log")
     log.unlink(missing_ok=True)
-    with captured_stderr(log):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0 or not tmp.is_file():
+    try:
+        with captured_stderr(log):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            tail = _tail(log)
+            for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                if os.strerror(code) in tail:   # the C library's own words for a full disk / size limit
+                    raise OSError(code, os.strerror(code), str(tmp))
+            raise QuantizeError(f"llama.cpp could not quantize {src.name} (code {rc}): {tail}")
+        os.replace(tmp, dst)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise QuantizeError(f"llama.cpp could not quantize {src.name} (code {rc}): {_tail(log)}")
-    log.unlink(missing_ok=True)
-    os.replace(tmp, dst)
+        log.unlink(missing_ok=True)
 
 
 class GGUF:
