@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import importlib.metadata
-import math
 import os
 import shlex
 import shutil
@@ -18,7 +17,7 @@ from . import scratch
 from .card import build_card
 from .formats import Context, Format, GpuRunner, Output, check_options, get_format, resolve_device, run_directly
 from .errors import BadOptionError, DiskFullError
-from .hub import check_target, push_folder, repo_url, resolve_token
+from .hub import Token, check_target, push_folder, repo_url, resolve_token
 from .report import EvalInfo, FileResult, Report, format_size
 from .source import SourceInfo, card_license, fetch, resolve
 from .weights import all_entries, safetensors_from_pickle
@@ -102,7 +101,7 @@ def quantize(
     private: bool = False,
     eval_text: str | Path | None = None,
     no_eval: bool = False,
-    token: str | None = None,
+    token: Token = None,
     allow_pickle: bool = False,
     ctx: int = 512,
     max_chunks: int = 16,
@@ -185,7 +184,7 @@ def quantize(
                 tick(1, 1)  # the upload's own time is not in the report: the pushed report is the local one
         except OSError as exc:
             if exc.errno in DISK_FULL:
-                raise _disk_full(exc, fmt, info, chosen, out_dir, work, text is not None, settings) from None
+                raise _disk_full(exc, fmt, info, chosen, out_dir, work, text is not None, settings, token) from None
             raise
         _publish(stage_dir, written, out_dir)
     return report
@@ -222,11 +221,11 @@ def _publish(stage_dir: Path, written: list[Path], out_dir: Path) -> None:
 
 
 def _disk_full(exc: OSError, fmt: Format, info: SourceInfo, chosen: list[str], out_dir: Path, work: Path,
-               evaluating: bool, settings: "EvalSettings") -> DiskFullError:
+               evaluating: bool, settings: "EvalSettings", token: Token) -> DiskFullError:
     """One line naming the disk that filled up and what the job needs there."""
     where = Path(exc.filename).parent if exc.filename else out_dir.parent
     in_work = work in where.parents or where == work
-    needed = _disk_needed(fmt, info, chosen, in_work, evaluating, settings)
+    needed = _disk_needed(fmt, info, chosen, in_work, evaluating, settings, token)
     in_out = where == out_dir.parent or out_dir.parent in where.parents
     place = work.parent if in_work else out_dir.parent if in_out else where   # else: e.g. the Hub cache's disk
     if not (in_work or in_out):
@@ -245,7 +244,7 @@ def _disk_full(exc: OSError, fmt: Format, info: SourceInfo, chosen: list[str], o
 
 
 def _disk_needed(fmt: Format, info: SourceInfo, chosen: list[str], in_work: bool, evaluating: bool,
-                 settings: "EvalSettings") -> int | None:
+                 settings: "EvalSettings", token: Token) -> int | None:
     """Bytes the job writes on the disk that filled: outputs + the 16-bit intermediate next to the output;
     the evaluation scratch in the temp folder."""
     from .formats import TensorStats
@@ -254,19 +253,12 @@ def _disk_needed(fmt: Format, info: SourceInfo, chosen: list[str], in_work: bool
     try:
         if in_work:
             return eval_scratch_bytes(info.config, settings.ctx, settings.max_chunks) if evaluating else None
-        entries = all_entries(info.local_dir) if info.local_dir is not None else None
-        if entries is None:
-            from .estimate import tensor_shapes
+        from .estimate import tensor_shapes
 
-            shapes = tensor_shapes(info, None)
-        else:
-            shapes = {e.name: e.shape for e in entries}
-        matrices = {n: math.prod(s) for n, s in shapes.items() if len(s) >= 2}
-        stats = TensorStats(matrices, sum(math.prod(s) for s in shapes.values() if len(s) < 2))
+        stats = TensorStats(tensor_shapes(info, token), info.config, info.files)
         return sum(fmt.estimate(stats, chosen).values()) + FP16_BYTES * stats.total
     except Exception:  # the estimate is a courtesy in an error message; never hide the disk error behind it
         return None
-    return report
 
 
 def _file_result(output: Output, n_params: int) -> FileResult:

@@ -8,7 +8,6 @@ import os
 import pytest
 
 from quantspace.errors import SourceNotFoundError
-from quantspace.ui import api
 from tests.hub_fixtures import ALICE_TOKEN, BOB_TOKEN
 from tests.test_app import TINY, served  # noqa: F401  (the app fixture, launched once for this module)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, browser  # noqa: F401  (fixture)
+from tests.test_ui_browser import CHROMIUM, browser  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(),
                                 reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
