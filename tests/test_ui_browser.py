@@ -191,10 +191,10 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     context.close()
 
 
-def test_a_job_goes_on_after_its_tab_closes(app_url, browser):
+def start_signed_in_run(browser, url: str, target_repo: str):
+    """A fresh browser context signed in as alice, the tiny model's run to `target_repo` started."""
     from playwright.sync_api import expect
 
-    url, hub, _, _ = app_url
     context = browser.new_context()
     page = context.new_page()
     page.set_default_timeout(60_000)
@@ -206,10 +206,18 @@ def test_a_job_goes_on_after_its_tab_closes(app_url, browser):
     model.press("Enter")
     expect(page.locator("#preflight")).to_contain_text("Ready.")
     target = page.locator("#target input, #target textarea").first
-    target.fill("alice/closed-tab-GGUF")
+    target.fill(target_repo)
     target.blur()
     expect(page.locator("#preflight")).to_contain_text("Ready.")
     page.locator("#run").click()
+    return context, page
+
+
+def test_a_job_goes_on_after_its_tab_closes(app_url, browser):
+    from playwright.sync_api import expect
+
+    url, hub, _, _ = app_url
+    context, page = start_signed_in_run(browser, url, "alice/closed-tab-GGUF")
     expect(page.locator("#log textarea")).to_have_value(re.compile(r"download|convert"), timeout=120_000)
     job_url = urllib.parse.urljoin(url, page.locator("#job-link a").first.get_attribute("href"))
     page.close()                                    # the tab goes away mid-run
@@ -227,20 +235,7 @@ def test_cancel_on_the_page_stops_its_job(app_url, browser):
 
     url, hub, jobs, _ = app_url
     before = {p.name for p in jobs.iterdir()}
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    page.goto(url)
-    page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
-    expect(page.get_by_text("Signed in as alice")).to_be_visible()
-    model = page.locator("#model textarea, #model input").first
-    model.fill(TINY)
-    model.press("Enter")
-    target = page.locator("#target input, #target textarea").first
-    target.fill("alice/cancelled-on-page-GGUF")
-    target.blur()
-    expect(page.locator("#preflight")).to_contain_text("Ready.")
-    page.locator("#run").click()
+    context, page = start_signed_in_run(browser, url, "alice/cancelled-on-page-GGUF")
     expect(page.locator("#log textarea")).to_have_value(re.compile(r"download"), timeout=120_000)
     page.locator("#cancel").click()
     expect(page.locator("#log textarea")).to_have_value(re.compile(r"cancelled: nothing was pushed"))
