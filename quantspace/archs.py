@@ -10,6 +10,7 @@ import gguf
 from .errors import UnsupportedArchitectureError
 
 
+# The linear layers of a Llama-like decoder layer, in the order people list them (NF4's LoRA targets follow it).
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -20,8 +21,6 @@ class ArchSpec:
     permute_qk: bool
     # Tensors in HF checkpoints that llama.cpp recomputes itself.
     skip_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
-    # Every linear projection of a decoder layer: the LoRA target modules of a QLoRA fine-tune.
-    lora_targets: tuple[str, ...] = LLAMA_PROJECTIONS
 
     @property
     def gguf_name(self) -> str:
@@ -44,5 +43,6 @@ def arch_of(config: dict[str, Any]) -> tuple[str, ArchSpec]:
     shown = ", ".join(names) or f"model_type={config.get('model_type', 'unknown')}"
     supported = ", ".join(sorted(ARCHITECTURES))
     raise UnsupportedArchitectureError(
-        f"Architecture {shown} is not supported yet (supported: {supported})."
+        f"Architecture {shown} is not supported for GGUF yet (supported: {supported}); NF4 takes any "
+        "transformers causal LM."
     )

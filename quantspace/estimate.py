@@ -44,5 +44,6 @@ def estimate(source: str, method: str = "gguf", variants: list[str] | None = Non
     # Without a choice, every variant (a method may allow only one per run, but all can be estimated).
     chosen = fmt.check_variants(variants) if variants else list(fmt.variants)
     info = info or resolve(source, token=token)
+    fmt.check_architecture(info.config)
     stats = TensorStats(tensor_shapes(info, token), info.config, info.files)
     return Estimate(info.display, info.architecture, stats.total, info.weight_bytes, fmt.estimate(stats, chosen))

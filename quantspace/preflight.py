@@ -139,6 +139,11 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
     result.checks.append(f"Found {info.display} in the local Hub cache (the Hub cannot be reached)." if info.cached
                          else f"Found {info.display} on the Hub; access OK." if info.repo_id
                          else f"Found the folder {info.display}.")
+    try:
+        fmt.check_architecture(info.config)
+    except QuantSpaceError as exc:
+        result.problems.append(str(exc))
+        return result
     result.checks.append(f"Architecture {info.architecture} is supported; tokenizer and weights are usable.")
     try:
         fmt.check_source(info.config, result.variants)

@@ -20,7 +20,6 @@ try:  # huggingface_hub 2 talks through httpx2; connection failures are its tran
 except ImportError:  # pragma: no cover - older huggingface_hub
     from httpx import TransportError
 
-from .archs import arch_of
 from .errors import (AuthError, BadOptionError, DownloadError, GatedRepoError, HubUnreachableError,
                      MissingFileError, PickleRefusedError, QuantSpaceError, SourceNotFoundError, TokenizerError)
 from .vocab import TOKENIZER_FILES, check_tokenizer_files
@@ -106,12 +105,14 @@ def folder_allowed(path: Path) -> bool:
 
 
 def _check_config(config: dict[str, Any]) -> str:
-    """Architecture and hyperparameters we can convert, from config.json alone."""
-    from .convert import HParams
-
-    arch, _ = arch_of(config)
-    HParams.from_config(config)
-    return arch
+    """The model's architecture name, from config.json (whether a format can make it is that format's call)."""
+    names = config.get("architectures") or []
+    if names and isinstance(names[0], str):
+        return names[0]
+    if isinstance(config.get("model_type"), str):
+        return f"model_type={config['model_type']}"
+    raise MissingFileError("config.json names neither an architecture nor a model_type; it is not a "
+                           "transformers model config.")
 
 
 def _check_files(names: set[str], allow_pickle: bool) -> bool:

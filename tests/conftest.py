@@ -56,3 +56,10 @@ def smollm2() -> Path:
     from tests.models import smollm2_dir
 
     return smollm2_dir()
+
+
+@pytest.fixture(scope="session", params=["qwen3", "gemma3", "phi3", "smollm3"])
+def tiny_family(request) -> tuple[str, Path]:
+    """(family, folder): newer families, SentencePiece for Gemma, byte-level BPE for the others."""
+    arch = request.param
+    return arch, _tiny(f"tiny-{arch}", "spm" if arch == "gemma3" else "bpe", arch)

@@ -84,7 +84,8 @@ def _spm_tokenizer(out: Path, vocab_size: int = 1024) -> None:
 
 def build_tiny(out: Path, kind: str = "bpe", arch: str = "llama", seed: int = 0,
                dtype: torch.dtype = torch.float32) -> Path:
-    """Build a tiny random model folder (`kind`: "bpe", "digits" or "spm"; `arch`: "llama" or "qwen2")."""
+    """Build a tiny random model folder (`kind`: "bpe", "digits" or "spm"; `arch`: "llama", "qwen2" or one of
+    FAMILIES)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tmp = out.with_name(out.name + ".building")
@@ -102,7 +103,9 @@ def build_tiny(out: Path, kind: str = "bpe", arch: str = "llama", seed: int = 0,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   tie_word_embeddings=False, rms_norm_eps=1e-5)
     torch.manual_seed(seed)
-    if arch == "qwen2":
+    if arch in FAMILIES:
+        model = _family_model(arch, common)
+    elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
         with torch.no_grad():  # random init leaves biases at zero; make them matter
             for layer in model.model.layers:
@@ -118,3 +121,26 @@ def build_tiny(out: Path, kind: str = "bpe", arch: str = "llama", seed: int = 0,
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+# Newer families, built from transformers' own config classes: (config class, model class, overrides).
+FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 64}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 64, "query_pre_attn_scalar": 64,
+                                                         "sliding_window": 64}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"pad_token_id": None}),
+}
+
+
+def _family_model(arch: str, common: dict) -> torch.nn.Module:
+    import transformers
+
+    config_name, model_name, overrides = FAMILIES[arch]
+    config = getattr(transformers, config_name)(**{**common, **overrides})
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():   # norms start at 1 (or 0 for Gemma's 1 + w): make them matter
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model

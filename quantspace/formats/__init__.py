@@ -120,8 +120,12 @@ class Format(Protocol):
     def check_variants(self, variants: list[str]) -> list[str]:
         """Normalised variant names, or BadOptionError before any work starts."""
 
+    def check_architecture(self, config: dict[str, Any]) -> None:
+        """Refuse (UnsupportedArchitectureError) a model this format cannot make at all, from its config."""
+
     def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
-        """Refuse (BadOptionError) a model these variants cannot be made of, from its config, before download."""
+        """Refuse a model these variants cannot be made of (its architecture included), from its config, before
+        any download."""
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         """Expected file size in bytes per variant."""

@@ -45,10 +45,13 @@ class AWQ:
     def unavailable(self) -> str | None:
         return None
 
-    def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
+    def check_architecture(self, config: dict[str, Any]) -> None:
         from ..awq.layers import spec_for
 
-        spec_for(config)   # an unsupported architecture is refused here too
+        spec_for(config)
+
+    def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
+        self.check_architecture(config)
         refuse_misfit(config_shapes(config), VARIANTS[variants[0]])
 
     def check_variants(self, variants: list[str]) -> list[str]:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import gguf
 
-from ..convert import convert
+from ..archs import arch_of
+from ..convert import HParams, convert
 from ..errors import QuantizeError
 from ..gguf_types import choose_types, f16_tensors, file_bytes, kv_bytes, model_facts
 from . import Context, Option, Output, TensorStats, Tick, pick_variants
@@ -113,8 +114,12 @@ class GGUF:
             return "llama-cpp-python is not installed (pip install llama-cpp-python)."
         return None
 
+    def check_architecture(self, config: dict[str, Any]) -> None:
+        arch_of(config)
+        HParams.from_config(config)
+
     def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
-        return None
+        self.check_architecture(config)
 
     def check_variants(self, variants: list[str]) -> list[str]:
         return pick_variants("GGUF", variants, VARIANTS)

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..archs import ARCHITECTURES, arch_of
+from ..archs import LLAMA_PROJECTIONS as LLAMA_ORDER
 from ..convert import load_config
-from ..errors import BadOptionError, QuantizeError
+from ..errors import BadOptionError, QuantizeError, UnsupportedArchitectureError
 from ..qlora import LORA_RANK, qlora_check
 from ..report import format_size
 from . import Context, Option, Output, TensorStats, Tick, copy_source_files, pick_variants, run_directly
@@ -110,8 +110,11 @@ class NF4:
             return f"{' and '.join(missing)} not installed (pip install {' '.join(missing)})."
         return None
 
+    def check_architecture(self, config: dict[str, Any]) -> None:
+        causal_lm(config)
+
     def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
-        return None
+        self.check_architecture(config)
 
     def check_variants(self, variants: list[str]) -> list[str]:
         return pick_variants(self.name.upper(), variants, VARIANTS, one_per_run=True)
@@ -149,12 +152,13 @@ class NF4:
             "source_memory_footprint_bytes": _source_footprint(model_dir),
             "source_file_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
             "versions": _versions(),
+            "lora_targets": lora_targets_of(model_dir),
         }
         if calibration is not None:
             source, blocks = calibration
             tick = ctx.stage("QLoRA check")
-            targets = list(arch_of(load_config(model_dir))[1].lora_targets)
-            result = ctx.run_gpu(qlora_check, str(staging), blocks, targets, int(opts["qlora_steps"]), ctx.device)
+            result = ctx.run_gpu(qlora_check, str(staging), blocks, details["lora_targets"], int(opts["qlora_steps"]),
+                                 ctx.device)
             details["qlora"] = {**result, "calibration": source}
             tick(1, 1)
         return [_move_into(staging, out_dir, variant, details)]
@@ -250,10 +254,47 @@ class NF4:
 
 
 def lora_targets(report: "Report") -> list[str]:
-    q = (report.files[0].details or {}).get("qlora") if report.files else None
-    if q:
-        return list(q["target_modules"])
-    return list(ARCHITECTURES[report.architecture].lora_targets)
+    details = (report.files[0].details or {}) if report.files else {}
+    q = details.get("qlora")
+    return list(q["target_modules"] if q else details.get("lora_targets") or [])
+
+
+# Model types whose checkpoints carry a vision or audio tower: bitsandbytes would quantize the towers too.
+MULTIMODAL_KEYS = ("vision_config", "audio_config", "vision_tower", "mm_vision_tower")
+
+
+def causal_lm(config: dict[str, Any]) -> str:
+    """The transformers class AutoModelForCausalLM makes of this config (never remote code), or
+    UnsupportedArchitectureError saying why not."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    shown = ", ".join(config.get("architectures") or []) or f"model_type={model_type}"
+    if any(key in config for key in MULTIMODAL_KEYS):
+        raise UnsupportedArchitectureError(f"{shown} is multimodal; NF4 makes text-only causal LMs so far (its "
+                                           "vision/audio towers would be quantized too).")
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    if cls is None:
+        remote = " (its code lives in the repo, which is never run)" if config.get("auto_map") else ""
+        raise UnsupportedArchitectureError(
+            f"{shown} is not a causal LM that transformers {transformers.__version__} knows{remote}; NF4 takes "
+            "any model AutoModelForCausalLM loads without remote code.")
+    return cls
+
+
+def lora_targets_of(model_dir: Path) -> list[str]:
+    """LoRA targets: every linear layer inside the decoder layers (2-D weights under a numbered block), by
+    name, as peft matches them; embeddings, the LM head and norms are not targets."""
+    from ..weights import all_entries
+
+    names = set()
+    for e in all_entries(model_dir):
+        parts = e.name.split(".")
+        if len(e.shape) == 2 and parts[-1] == "weight" and any(p.isdigit() for p in parts[:-2]):
+            names.add(parts[-2])
+    known = {name: i for i, name in enumerate(LLAMA_ORDER)}
+    return sorted(names, key=lambda n: (known.get(n, len(known)), n))
 
 
 def _stays_16bit(tensor: str) -> bool:
