@@ -187,6 +187,37 @@ def model_facts(config: dict[str, Any]) -> ModelFacts:
     return ModelFacts(hp.n_layer, max(1, hp.n_head // hp.n_head_kv), is_70b)
 
 
+# For files llama.cpp's converter makes: HF name endings → the GGUF names the type rules look at.
+GENERIC_NAMES = (("embed_tokens.weight", "token_embd.weight"), ("lm_head.weight", "output.weight"),
+                 ("v_proj.weight", "attn_v.weight"), ("k_proj.weight", "attn_k.weight"),
+                 ("q_proj.weight", "attn_q.weight"), ("o_proj.weight", "attn_output.weight"),
+                 ("down_proj.weight", "ffn_down.weight"), ("up_proj.weight", "ffn_up.weight"),
+                 ("gate_proj.weight", "ffn_gate.weight"))
+
+
+def generic_f16_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> Tensors:
+    """An approximate F16 file of llama.cpp's converter, for an architecture ours does not have: each HF tensor
+    under a GGUF-style name (blk.N.<role> inside numbered layers), 2-D weights F16, the rest F32. Fused or
+    split tensors and norms named otherwise make this a close estimate, not an exact one."""
+    tensors: Tensors = {}
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        index = next((p for p in parts if p.isdigit()), None)
+        gguf_name = next((g for hf, g in GENERIC_NAMES if name.endswith(hf)), ".".join(parts[-2:]))
+        if index is not None and not gguf_name.startswith(("token_embd", "output")):
+            gguf_name = f"blk.{index}.{len(tensors)}.{gguf_name}"   # unique; still ends as the rules expect
+        if not config.get("tie_word_embeddings", False) or gguf_name != "output.weight":
+            tensors[gguf_name] = (tuple(shape), Q.F16 if len(shape) >= 2 else Q.F32)
+    return tensors
+
+
+def generic_model_facts(config: dict[str, Any]) -> ModelFacts:
+    text = config.get("text_config") or config
+    heads = int(text.get("num_attention_heads") or 1)
+    return ModelFacts(int(text.get("num_hidden_layers") or 1), max(1, heads // int(text.get("num_key_value_heads")
+                                                                                 or heads)))
+
+
 # The key/value part of the header, from what is known before download (config.json, the sizes of the
 # tokenizer files). The vocabulary dominates it: each token is a length-prefixed string plus a score and a type,
 # and byte-level BPE adds about one merge rule per token. Measured on SmolLM2 (49152 tokens): 40 B per token;

@@ -140,11 +140,12 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
                          else f"Found {info.display} on the Hub; access OK." if info.repo_id
                          else f"Found the folder {info.display}.")
     try:
-        fmt.check_architecture(info.config)
+        maker = fmt.check_architecture(info.config)
     except QuantSpaceError as exc:
         result.problems.append(str(exc))
         return result
-    result.checks.append(f"Architecture {info.architecture} is supported; tokenizer and weights are usable.")
+    result.checks.append(f"Architecture {info.architecture} is supported; tokenizer and weights are usable."
+                         + (f" {maker}" if maker else ""))
     try:
         fmt.check_source(info.config, result.variants)
     except QuantSpaceError as exc:

@@ -21,7 +21,8 @@ from tests.hubserver import HubServer
 # Off a Space, Gradio warns that sign-in is mocked with the machine's token: that is what these tests use.
 pytestmark = pytest.mark.filterwarnings("ignore:Gradio does not support OAuth")
 TINY = "quantorg/tiny-llama"
-GPT2 = "quantorg/tiny-gpt2"
+# An architecture no converter knows (llama.cpp's converter takes GPT-2 and ~280 others).
+UNKNOWN = "quantorg/tiny-mystery"
 
 
 @dataclass
@@ -62,13 +63,13 @@ def launch_app_env(tmp: Path, mp: pytest.MonkeyPatch, hub: HubServer, tiny: Path
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     hub.create_repo(TINY)
     hub.upload_folder(TINY, tiny)
-    gpt2 = tmp / "gpt2"
-    shutil.copytree(tiny, gpt2)
-    cfg = json.loads((gpt2 / "config.json").read_text())
-    cfg["architectures"] = ["GPT2LMHeadModel"]
-    (gpt2 / "config.json").write_text(json.dumps(cfg))
-    hub.create_repo(GPT2)
-    hub.upload_folder(GPT2, gpt2)
+    mystery = tmp / "mystery"
+    shutil.copytree(tiny, mystery)
+    cfg = json.loads((mystery / "config.json").read_text())
+    cfg["architectures"] = ["MysteryForCausalLM"]
+    (mystery / "config.json").write_text(json.dumps(cfg))
+    hub.create_repo(UNKNOWN)
+    hub.upload_folder(UNKNOWN, mystery)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_preflight_reports_sizes_before_any_download(served, tiny_bpe):
 @pytest.mark.parametrize("model, target, token, message", [
     ("", "", "", "No model given"),
     ("quantorg/does-not-exist", "", "", "was not found"),
-    (GPT2, "", "", "Architecture GPT2LMHeadModel is not supported"),
+    (UNKNOWN, "", "", "Architecture MysteryForCausalLM is not supported"),
     (TINY, "bob/tiny-llama-GGUF", ALICE_TOKEN, "cannot write to 'bob'"),
 ])
 def test_preflight_explains_problems(served, model, target, token, message):
@@ -176,7 +177,7 @@ def test_bad_model_through_the_api(served):
     client = served.client()
     before = served.jobs_left()
     for model, message in [("", "No model given"), ("quantorg/does-not-exist", "was not found"),
-                           (GPT2, "GPT2LMHeadModel is not supported")]:
+                           (UNKNOWN, "MysteryForCausalLM is not supported")]:
         with pytest.raises(AppError, match=message):
             client.predict(model, "gguf", ["Q8_0"], {}, "", False, False, "", api_name="/quantize")
     with pytest.raises(AppError, match="Unknown GGUF variant"):

@@ -151,7 +151,7 @@ def _broken_copy(src: Path, dst: Path, edit) -> Path:
 
 def _set_arch(folder: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["architectures"] = ["MysteryForCausalLM"]
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
@@ -171,7 +171,7 @@ def _pickle_only(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("case, edit, message", [
-    ("unsupported", _set_arch, "Architecture GPT2LMHeadModel is not supported"),
+    ("unsupported", _set_arch, "Architecture MysteryForCausalLM is not supported"),
     ("no-tokenizer", lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
      "no tokenizer.json or tokenizer.model"),
     ("corrupt", _truncate, "truncated or corrupt"),

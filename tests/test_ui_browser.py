@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.hubserver import HubServer
-from tests.test_app import GPT2, TINY, launch_app_env
+from tests.test_app import TINY, UNKNOWN, launch_app_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -111,7 +111,7 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     model = page.locator("#model textarea, #model input").first
     preflight = page.locator("#preflight")
     # Bad models: the preflight says what is wrong and the run stays disabled.
-    for bad, message in [("quantorg/does-not-exist", "was not found"), (GPT2, "GPT2LMHeadModel is not supported")]:
+    for bad, message in [("quantorg/does-not-exist", "was not found"), (UNKNOWN, "MysteryForCausalLM is not supported")]:
         model.fill(bad)
         model.press("Enter")
         expect(preflight).to_contain_text(message)

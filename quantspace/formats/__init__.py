@@ -120,8 +120,9 @@ class Format(Protocol):
     def check_variants(self, variants: list[str]) -> list[str]:
         """Normalised variant names, or BadOptionError before any work starts."""
 
-    def check_architecture(self, config: dict[str, Any]) -> None:
-        """Refuse (UnsupportedArchitectureError) a model this format cannot make at all, from its config."""
+    def check_architecture(self, config: dict[str, Any]) -> str | None:
+        """Refuse (UnsupportedArchitectureError) a model this format cannot make at all, from its config; may
+        say, for people, what will make it (e.g. which converter)."""
 
     def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
         """Refuse a model these variants cannot be made of (its architecture included), from its config, before

@@ -45,10 +45,11 @@ class AWQ:
     def unavailable(self) -> str | None:
         return None
 
-    def check_architecture(self, config: dict[str, Any]) -> None:
+    def check_architecture(self, config: dict[str, Any]) -> str | None:
         from ..awq.layers import spec_for
 
         spec_for(config)
+        return None
 
     def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
         self.check_architecture(config)

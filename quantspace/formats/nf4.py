@@ -110,8 +110,9 @@ class NF4:
             return f"{' and '.join(missing)} not installed (pip install {' '.join(missing)})."
         return None
 
-    def check_architecture(self, config: dict[str, Any]) -> None:
+    def check_architecture(self, config: dict[str, Any]) -> str | None:
         causal_lm(config)
+        return None
 
     def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
         self.check_architecture(config)
