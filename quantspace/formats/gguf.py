@@ -164,16 +164,17 @@ class GGUF:
         needs_f16 = "F16" in variants or bool(quantized)
         # Not a deliverable unless asked for: a hidden name, so an F16 file already in out_dir is left alone.
         base = out_dir / (f"{name}-F16.gguf" if "F16" in variants else f".{name}-F16.intermediate.gguf")
-        ours = converter_for(load_config(model_dir)) == OURS
-        for wanted, path in (("F16", base), ("BF16", out_dir / f"{name}-BF16.gguf")):
-            if wanted == "BF16" and "BF16" not in variants or wanted == "F16" and not needs_f16:
-                continue
-            if ours:
-                convert(model_dir, path, out_type=wanted, name=name, progress=stage(f"convert {wanted}"))
+        converter = converter_for(load_config(model_dir))
+        wide = [("F16", base)] if needs_f16 else []
+        if "BF16" in variants:
+            wide.append(("BF16", out_dir / f"{name}-BF16.gguf"))
+        for out_type, path in wide:
+            if converter == OURS:
+                convert(model_dir, path, out_type=out_type, name=name, progress=stage(f"convert {out_type}"))
             else:
-                tick = stage(f"convert {wanted} (llama.cpp's converter)")
+                tick = stage(f"convert {out_type} (llama.cpp's converter)")
                 tick(0, 1)
-                lcpp_convert.convert(model_dir, path, out_type=wanted)
+                lcpp_convert.convert(model_dir, path, out_type=out_type)
                 tick(1, 1)
         for v in variants:
             path = out_dir / f"{name}-{v}.gguf"
@@ -182,7 +183,7 @@ class GGUF:
                 tick(0, 1)
                 llama_quantize(base, path, VARIANTS[v].ftype)
                 tick(1, 1)
-            outputs.append(Output(v, (path,), details={"converter": LLAMA_CPP if not ours else OURS}))
+            outputs.append(Output(v, (path,), details={"converter": converter}))
         if needs_f16 and "F16" not in variants:
             base.unlink(missing_ok=True)   # the intermediate is not a deliverable
         return outputs
