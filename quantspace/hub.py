@@ -5,13 +5,12 @@ The token is passed to huggingface_hub and nowhere else: never printed, logged o
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from . import retry
-from .errors import AuthError, BadOptionError, HubUnreachableError, PushError
-from .source import REPO_ID, TransportError, unreachable
+from .errors import AuthError, BadOptionError, HubUnreachableError, PushError, first_line
+from .source import REPO_ID, TransportError, same_as_hub, unreachable
 
 
 # A token value of False means "anonymous": huggingface_hub then sends none, not even the machine's own.
@@ -99,12 +98,11 @@ def push_folder(folder: Path, files: list[str], repo_id: str, token: str, privat
 
 def _reason(exc: BaseException) -> str:
     status = retry.status_of(exc)
-    first = (str(exc).splitlines() or [type(exc).__name__])[0]
     if isinstance(exc, TransportError):
         return f"the connection to the Hub broke ({type(exc).__name__}); try again later."
     if status in retry.TRANSIENT_STATUS:
         return f"the Hub kept answering HTTP {status} after {retry.ATTEMPTS} tries; try again later."
-    return first
+    return first_line(exc)
 
 
 def _commit(api: Any, folder: Path, files: list[str], repo_id: str, token: str, message: str) -> str:
@@ -136,17 +134,11 @@ def _holds(info: Any, folder: Path, files: list[str]) -> bool:
     """Whether the repo at `info` has exactly our files (by size and hash)."""
     remote = {s.rfilename: s for s in info.siblings or []}
     for name in files:
-        sibling, path = remote.get(name), folder / name
-        if sibling is None or sibling.size != path.stat().st_size:
-            return False
-        if sibling.lfs:
-            h = hashlib.sha256()
-        else:
-            h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        if h.hexdigest() != (sibling.lfs.sha256 if sibling.lfs else sibling.blob_id):
+        sibling = remote.get(name)
+        sha256 = sibling.lfs.sha256 if sibling is not None and sibling.lfs else None
+        if sibling is None or sibling.size is None or not (sha256 or sibling.blob_id):
+            return False   # nothing to compare with: not known to be ours
+        if not same_as_hub(folder / name, sibling.size, sha256, sibling.blob_id):
             return False
     return True
 

@@ -21,7 +21,8 @@ except ImportError:  # pragma: no cover - older huggingface_hub
     from httpx import TransportError
 
 from .errors import (AuthError, BadOptionError, DownloadError, GatedRepoError, HubUnreachableError,
-                     MissingFileError, PickleRefusedError, QuantSpaceError, SourceNotFoundError, TokenizerError)
+                     MissingFileError, PickleRefusedError, QuantSpaceError, SourceNotFoundError, TokenizerError,
+                     first_line)
 from .vocab import TOKENIZER_FILES, check_tokenizer_files
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
@@ -40,6 +41,8 @@ class SourceInfo:
     files: dict[str, int | None] = field(default_factory=dict)   # name → size in bytes (None if unknown)
     license: str | None = None
     pickled: bool = False              # weights are .bin/.pt only (opted in)
+    # name → (LFS sha256, git blob id) from the Hub's file metadata: what fetch checks each download against
+    hashes: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -231,7 +234,8 @@ def _resolve_hub(spec: str, repo_id: str, revision: str | None, token: str | Non
         raise MissingFileError(f"config.json of {repo_id} is not valid JSON: {exc}") from None
     arch = _check_config(config)
     pickled = _check_files(set(files), allow_pickle)
-    return SourceInfo(spec, repo_id, info.sha, None, config, arch, files, _license(info.card_data), pickled)
+    hashes = {s.rfilename: (s.lfs.sha256 if s.lfs else None, s.blob_id) for s in info.siblings or []}
+    return SourceInfo(spec, repo_id, info.sha, None, config, arch, files, _license(info.card_data), pickled, hashes)
 
 
 def offline(repo_id: str) -> HubUnreachableError:
@@ -291,7 +295,7 @@ def fetch(info: SourceInfo, token: str | None = None, cache_dir: Path | None = N
         exc: Exception | None = None
         try:
             folder = Path(_snapshot(info, patterns, token, cache_dir, tqdm_class))
-            bad = _check_download(folder, _hub_files(info, token))
+            bad = _check_download(folder, info)
             if not bad:
                 return folder
             failure = f"{', '.join(bad)} did not match the Hub's size/sha256 (a download cut short?)"
@@ -343,43 +347,39 @@ def _snapshot(info: SourceInfo, patterns: list[str], token: str | None, cache_di
 
 
 def _short(exc: BaseException) -> str:
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    first = (str(exc).splitlines() or [type(exc).__name__])[0]
-    return f"HTTP {status}" if status else f"{type(exc).__name__}: {first[:160]}"
+    from .retry import status_of
+
+    status = status_of(exc)
+    return f"HTTP {status}" if status else f"{type(exc).__name__}: {first_line(exc)[:160]}"
 
 
-def _hub_files(info: SourceInfo, token: str | None) -> dict[str, tuple[int | None, str | None, str | None]]:
-    """name → (size, LFS sha256, git blob id) at the resolved revision, from the Hub's file metadata."""
-    from huggingface_hub import HfApi
-
-    from . import retry
-
-    meta = retry.call(lambda: HfApi(token=token).model_info(info.repo_id, revision=info.revision,
-                                                              files_metadata=True, token=token))
-    return {s.rfilename: (s.size, s.lfs.sha256 if s.lfs else None, s.blob_id) for s in meta.siblings or []}
-
-
-def _check_download(folder: Path, expected: dict[str, tuple[int | None, str | None, str | None]]) -> list[str]:
-    """Names of downloaded files whose size or hash differs from the Hub's; those are removed from the cache
-    (the link and the blob it points to), so the next try downloads them again."""
+def _check_download(folder: Path, info: SourceInfo) -> list[str]:
+    """Names of downloaded files whose size or hash differs from the Hub's (as `resolve` read them); those are
+    removed from the cache (the link and the blob it points to), so the next try downloads them again."""
     bad = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
-        if name not in expected:
+        if name not in info.hashes:
             continue
-        size, sha256, blob_id = expected[name]
-        ok = size is None or path.stat().st_size == size
-        if ok and sha256:
-            ok = _digest(path, hashlib.sha256()) == sha256
-        elif ok and blob_id and not sha256:
-            ok = _digest(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size)) == blob_id
-        if not ok:
+        if not same_as_hub(path, info.files.get(name), *info.hashes[name]):
             bad.append(name)
             blob = path.resolve()
             path.unlink(missing_ok=True)
             if blob != path:
                 blob.unlink(missing_ok=True)
     return bad
+
+
+def same_as_hub(path: Path, size: int | None, sha256: str | None, blob_id: str | None) -> bool:
+    """Whether a local file is the Hub's: its size, then its LFS sha256 or, for a plain git file, its blob id
+    (sha1 of the git blob); with neither hash known, the size alone."""
+    if size is not None and path.stat().st_size != size:
+        return False
+    if sha256:
+        return _digest(path, hashlib.sha256()) == sha256
+    if blob_id:
+        return _digest(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size)) == blob_id
+    return True
 
 
 def _digest(path: Path, h: Any) -> str:
