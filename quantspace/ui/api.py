@@ -16,7 +16,7 @@ import gradio as gr
 
 from ..errors import QuantSpaceError
 from ..preflight import on_space, preflight
-from .jobs import REGISTRY, Cancelled, Job, JobSpec, account_of, user_token
+from .jobs import REGISTRY, Cancelled, Job, JobSpec, Snapshot, account_of, user_token
 
 SEARCH_LIMIT = 8
 
@@ -87,14 +87,20 @@ async def quantize_api(model: str, method: str = "gguf", variants: list[str] | N
     job = start_job(_spec(model, method, variants, options, target, private, evaluate), token, owner, request)
     # Waiting holds no thread; if the connection drops, Gradio cancels this coroutine and the job goes on.
     async for snap in job.watch():
-        if snap.state == "queued" and snap.ahead is not None:
-            progress(None, desc=f"queued: {snap.ahead} ahead")
-        elif snap.stage:
-            progress((snap.done, snap.total), desc=snap.stage)
+        show_progress(progress, snap)
     try:
         return job.wait().report
     except BaseException as exc:
         raise readable(exc) from None
+
+
+def show_progress(progress: gr.Progress, snap: Snapshot) -> None:
+    """A job's place in the queue, or its stage and step, as Gradio's progress (the page's bar, the client's
+    status)."""
+    if snap.state == "queued" and snap.ahead is not None:
+        progress(None, desc=f"queued: {snap.ahead} ahead")
+    elif snap.stage:
+        progress((snap.done, snap.total), desc=snap.stage)
 
 
 def start_job_api(model: str, method: str = "gguf", variants: list[str] | None = None,

@@ -20,9 +20,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
-from ..errors import AuthError, QuantSpaceError
+from ..errors import AuthError, QuantSpaceError, first_line
 from ..formats import run_directly
 from ..preflight import gpu_seconds, on_space, on_zero_gpu
 from .gpu import gpu_runner
@@ -314,18 +314,6 @@ class Job:
             return Snapshot(self._version, self._state, self._stage, self._done, self._total, self._ahead,
                             self._log.text)
 
-    def follow(self, poll: float = 0.5) -> Iterator[Snapshot]:
-        """Snapshots as the job changes, and every `poll` seconds meanwhile; the last one is the job's end."""
-        seen = -1
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._version != seen, timeout=poll)
-                seen = self._version
-            snap = self.snapshot()
-            yield snap
-            if snap.state in ENDED:
-                return
-
     async def watch(self, poll: float = 0.5) -> AsyncIterator[Snapshot]:
         """Snapshots as the job changes, checked every `poll` seconds without holding a thread (for pages,
         which may watch many jobs at once); the last one is the job's end."""
@@ -348,7 +336,7 @@ class Job:
         return {"job_id": self.id, "state": snap.state, "stage": snap.stage, "done": snap.done, "total": snap.total,
                 "jobs_ahead": snap.ahead, "log": snap.log.splitlines(), "cancel_requested": self.cancelled,
                 "report": self.result.report if self.result is not None else None,
-                "error": _one_line(self.error) if self.error is not None else None,
+                "error": first_line(self.error) if self.error is not None else None,
                 "removed_in_s": left}
 
     def wait(self, timeout: float | None = None) -> JobResult:
@@ -364,18 +352,6 @@ class Job:
         """Stop at the next step (or before starting, if it is still waiting); everything it wrote is removed."""
         self._cancel.set()
         self._lane.wake()
-
-    def remove(self) -> None:
-        """Cancel if still running, wait for the pipeline's own cleanup, then remove the job folder."""
-        self.cancel()
-        self._thread.join()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        _live_dirs.discard(self.dir)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _keep_only(folder: Path, keep: set[Path]) -> None:

@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from ..errors import QuantSpaceError
+from ..retry import status_of
 from ..formats import REGISTRY, Format, Option, get_format
 from ..preflight import on_space, on_zero_gpu, preflight
 from . import api
@@ -70,8 +71,7 @@ def sign_in_off_reason() -> str | None:
     try:
         me = HfApi().whoami(token=token)
     except Exception as exc:  # any failure only turns sign-in off; the reason is shown on the page
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
+        if status_of(exc) in (401, 403):
             return SIGN_IN_OFF.format("this machine's Hub token was rejected (expired or revoked? run "
                                       "`hf auth login` again and restart)")
         return SIGN_IN_OFF.format(f"the Hub at {constants.ENDPOINT} could not be reached ({type(exc).__name__})")
@@ -307,10 +307,7 @@ def build_demo() -> gr.Blocks:
                    card_box: gr.update(visible=False), run: gr.update(interactive=False),
                    cancel: gr.update(interactive=not job.over)}
             async for snap in job.watch():
-                if snap.state == "queued" and snap.ahead is not None:
-                    progress(None, desc=f"queued: {snap.ahead} ahead")
-                elif snap.stage:
-                    progress((snap.done, snap.total), desc=snap.stage)
+                api.show_progress(progress, snap)
                 yield {log: snap.log}
             ended = {log: job.snapshot().log, run: gr.update(interactive=True), cancel: gr.update(interactive=False)}
             res = job.result
