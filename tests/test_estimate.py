@@ -19,7 +19,7 @@ import pytest
 from quantspace.estimate import estimate, tensor_shapes
 from quantspace.formats import Context, get_format
 from quantspace.formats.gguf import VARIANTS
-from quantspace.gguf_types import choose_types, f16_tensors, model_facts
+from quantspace.converter.tensor_types import choose_types, f16_tensors, model_facts
 from quantspace.source import resolve
 
 GGUF_VARIANTS = get_format("gguf").variants

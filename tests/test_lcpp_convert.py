@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-from quantspace import lcpp_convert
+from quantspace.converter import llama_cpp as lcpp_convert
 from quantspace.errors import QuantizeError, UnsupportedArchitectureError
 from quantspace.preflight import preflight
 from tests.test_pipeline import llama_generate

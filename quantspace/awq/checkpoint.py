@@ -11,7 +11,7 @@ import torch
 
 from ..formats import copy_source_files
 from ..weights import F16_MAX
-from ..convert import load_config
+from ..archs import load_config
 from .engine import SourceTensors, layer_file, load_settings
 from .layers import LayerSpec, spec_for
 from .pack import fake_quantize, unpack_linear

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..convert import load_config
+from ..archs import load_config
 from ..errors import CorruptWeightsError
 from ..weights import weight_files
 from .layers import LayerSpec, spec_for

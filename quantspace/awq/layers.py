@@ -1,14 +1,12 @@
-"""Per-architecture AWQ mapping, as data: which linears share an input, what precedes them, what to run.
+"""The shape of an AWQ layer table: which linears share an input, what precedes them, what to run.
 
-A new architecture whose decoder layer has the same structure is one entry in ARCHITECTURES.
+The tables themselves are data in the family registry, quantspace/archs.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-from ..errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -34,33 +32,11 @@ class LayerSpec:
         return tuple(name for g in self.groups for name in g.linears)
 
 
-LLAMA = LayerSpec(
-    layers_path="model.layers",
-    groups=(
-        Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-        Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True),
-        Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-        Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-    ),
-    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
-)
-
-ARCHITECTURES: dict[str, LayerSpec] = {
-    "LlamaForCausalLM": LLAMA,
-    "MistralForCausalLM": LLAMA,
-    "Qwen2ForCausalLM": LLAMA,   # q/k/v biases are divided with the weights' rows where they precede a group
-}
-
-
 def spec_for(config: dict[str, Any]) -> LayerSpec:
-    """The layer table of a model's config.json, or UnsupportedArchitectureError naming what is supported."""
-    for name in config.get("architectures") or []:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    shown = ", ".join(config.get("architectures") or []) or f"model_type={config.get('model_type', 'unknown')}"
-    raise UnsupportedArchitectureError(
-        f"AWQ does not support {shown} yet (supported: {', '.join(sorted(ARCHITECTURES))})."
-    )
+    """The layer table of a model's config.json (from the registry in quantspace.archs)."""
+    from ..archs import awq_spec
+
+    return awq_spec(config)
 
 
 def quantized_tensor_names(spec: LayerSpec, n_layers: int) -> list[str]:
@@ -68,9 +44,9 @@ def quantized_tensor_names(spec: LayerSpec, n_layers: int) -> list[str]:
     return [f"{spec.layers_path}.{i}.{lin}.weight" for i in range(n_layers) for lin in spec.linears]
 
 
-_LINEAR_SUFFIXES = tuple(sorted({f".{lin}.weight" for spec in ARCHITECTURES.values() for lin in spec.linears}))
-
-
 def is_quantized_name(name: str) -> bool:
     """Whether a checkpoint tensor is one AWQ quantizes, by name alone (for size estimates from headers)."""
-    return ".layers." in name and name.endswith(_LINEAR_SUFFIXES)
+    from ..archs import FAMILIES
+
+    suffixes = tuple({f".{lin}.weight" for fam in FAMILIES.values() if fam.awq for lin in fam.awq.linears})
+    return ".layers." in name and name.endswith(suffixes)

@@ -164,7 +164,7 @@ def get_format(name: str) -> Format:
 
 def copy_source_files(model_dir: Path, dest: Path) -> list[Path]:
     """The source's tokenizer files and generation config, byte for byte, into a checkpoint folder."""
-    from ..vocab import TOKENIZER_FILES
+    from ..converter.vocab import TOKENIZER_FILES
 
     copied = []
     for name in TOKENIZER_FILES:

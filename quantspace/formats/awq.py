@@ -72,7 +72,7 @@ class AWQ:
     def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
         from ..awq import engine
         from ..calib import calibration_blocks
-        from ..convert import load_config
+        from ..archs import load_config
 
         variant = variants[0]
         group = VARIANTS[variant]

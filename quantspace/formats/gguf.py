@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import gguf
 
-from .. import lcpp_convert
+from ..converter import llama_cpp as lcpp_convert
 from ..archs import arch_of
-from ..convert import HParams, convert, load_config
+from ..archs import load_config
+from ..converter.streaming import HParams, convert
 from ..errors import QuantizeError, UnsupportedArchitectureError
-from ..gguf_types import (choose_types, f16_tensors, file_bytes, generic_f16_tensors, generic_model_facts,
+from ..converter.tensor_types import (choose_types, f16_tensors, file_bytes, generic_f16_tensors, generic_model_facts,
                           kv_bytes, model_facts)
 from . import Context, Option, Output, TensorStats, Tick, pick_variants
 
@@ -29,7 +30,7 @@ Q = gguf.GGMLQuantizationType
 
 @dataclass(frozen=True)
 class Variant:
-    """A llama.cpp file type; which tensor gets which type is in gguf_types (for size estimates)."""
+    """A llama.cpp file type; which tensor gets which type is in converter.tensor_types (for size estimates)."""
     ftype: gguf.LlamaFileType
     summary: str = ""
 

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..archs import LLAMA_PROJECTIONS as LLAMA_ORDER
-from ..convert import load_config
+from ..archs import LORA_ORDER
+from ..archs import load_config
 from ..errors import BadOptionError, QuantizeError, UnsupportedArchitectureError
 from ..qlora import LORA_RANK, qlora_check
 from ..report import format_size
@@ -294,7 +294,7 @@ def lora_targets_of(model_dir: Path) -> list[str]:
         parts = e.name.split(".")
         if len(e.shape) == 2 and parts[-1] == "weight" and any(p.isdigit() for p in parts[:-2]):
             names.add(parts[-2])
-    known = {name: i for i, name in enumerate(LLAMA_ORDER)}
+    known = {name: i for i, name in enumerate(LORA_ORDER)}
     return sorted(names, key=lambda n: (known.get(n, len(known)), n))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -13,10 +12,10 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
-from .archs import ArchSpec, arch_of
-from .errors import CorruptWeightsError, MissingFileError, UnsupportedArchitectureError
+from ..archs import GGUFSpec, arch_of, load_config
+from ..errors import CorruptWeightsError, MissingFileError, UnsupportedArchitectureError
 from .vocab import load_vocab
-from .weights import TensorEntry, all_entries, read_converted
+from ..weights import TensorEntry, all_entries, read_converted
 
 ROPE_SCALINGS = (None, "default", "linear", "llama3")
 OUT_TYPES = {"F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
@@ -71,15 +70,6 @@ class HParams:
         s = self.rope_scaling or {}
         return s.get("rope_type", s.get("type"))
 
-
-def load_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise MissingFileError(f"No config.json in {model_dir}; not a Hugging Face model folder.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise MissingFileError(f"config.json is not valid JSON: {exc}") from None
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -145,7 +135,7 @@ class _Planned:
         return math.prod(self.shape) * (4 if self.out == "F32" else 2)
 
 
-def plan(entries: list[TensorEntry], spec: ArchSpec, hp: HParams, out_type: str) -> list[_Planned]:
+def plan(entries: list[TensorEntry], spec: GGUFSpec, hp: HParams, out_type: str) -> list[_Planned]:
     """Every GGUF tensor the converter writes: name, shape and type (the size estimate reads it too)."""
     names = gguf.get_tensor_name_map(spec.gguf_arch, hp.n_layer)
     planned = []

@@ -19,7 +19,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import QuantizeError, UnsupportedArchitectureError
+from ..errors import QuantizeError, UnsupportedArchitectureError
 
 SCRIPT = "convert_hf_to_gguf.py"
 # What the script needs beside itself, inside the source distribution's vendor/llama.cpp/.

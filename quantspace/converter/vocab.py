@@ -17,7 +17,7 @@ from typing import Any
 
 import gguf
 
-from .errors import MissingFileError, TokenizerError
+from ..errors import MissingFileError, TokenizerError
 
 # Regexes of byte-level pre-tokenizers as they appear in tokenizer.json, and the llama.cpp name for each.
 _LLAMA3_SPLIT = (

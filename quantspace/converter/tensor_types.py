@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import gguf
 
-from .archs import arch_of
-from .convert import HParams, plan
-from .weights import TensorEntry
+from ..archs import arch_of
+from .streaming import HParams, plan
+from ..weights import TensorEntry
 
 Q = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
