@@ -130,6 +130,11 @@ FAMILIES = {
                                                          "sliding_window": 64}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None}),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"pad_token_id": None}),
+    # Mixture of experts: 4 experts, 2 per token, expert FFN width a multiple of 256.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 64, "num_experts": 4,
+                                                           "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+                                                           "norm_topk_prob": True}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 
