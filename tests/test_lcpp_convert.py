@@ -45,23 +45,6 @@ def test_gemma3_converts_with_llama_cpps_converter_and_matches_transformers(tiny
     assert "was made by llama.cpp's convert_hf_to_gguf.py" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "smollm3"])
-def test_an_unrecognised_bpe_pre_tokenizer_is_one_clear_line(arch, tmp_path, capsys):
-    """A byte-level BPE tokenizer trained here is none llama.cpp knows: its converter refuses it, and so do we,
-    in one line, leaving nothing behind."""
-    from quantspace.cli import main
-    from tests.conftest import _tiny
-
-    folder = _tiny(f"tiny-{arch}", "bpe", arch)
-    out = tmp_path / "out"
-    code = main(["quantize", str(folder), "--variants", "Q8_0", "--no-eval", "--out", str(out)])
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1, err
-    assert "llama.cpp's converter failed: its BPE pre-tokenizer is not one llama.cpp recognises" in errors[0]
-    assert not out.exists() or not any(out.iterdir())
-
-
 def test_architectures_neither_converter_knows_are_refused(tiny_bpe, tmp_path):
     folder = tmp_path / "mystery"
     shutil.copytree(tiny_bpe, folder)

@@ -58,8 +58,9 @@ def _bpe_tokenizer(out: Path, vocab_size: int = 1024, split: str | None = LLAMA3
     fast.save_pretrained(out)
 
 
-def _spm_tokenizer(out: Path, vocab_size: int = 1024) -> None:
-    """A llama-2 style SentencePiece BPE tokenizer with byte fallback."""
+def _spm_tokenizer(out: Path, vocab_size: int = 1024, gemma: bool = False) -> None:
+    """A llama-2 style SentencePiece BPE tokenizer with byte fallback; Gemma style (no "▁" prefix added before
+    the text, GemmaTokenizer) when `gemma`."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
@@ -71,28 +72,28 @@ def _spm_tokenizer(out: Path, vocab_size: int = 1024) -> None:
         byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
         num_threads=2, minloglevel=2,
         # as llama-2: no normalisation, whitespace kept as written
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=not gemma,
     )
     text.unlink()
     (out / "tokenizer.vocab").unlink()
     # transformers converts tokenizer.model to tokenizer.json; real llama-2/mistral repos ship both.
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "tokenizer_class": "GemmaTokenizer" if gemma else "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "legacy": False}))
     AutoTokenizer.from_pretrained(out).save_pretrained(out)
 
 
 def build_tiny(out: Path, kind: str = "bpe", arch: str = "llama", seed: int = 0,
                dtype: torch.dtype = torch.float32) -> Path:
-    """Build a tiny random model folder (`kind`: "bpe", "digits" or "spm"; `arch`: "llama", "qwen2" or one of
+    """Build a tiny random model folder (`kind`: "bpe", "digits", "spm" or "gemma"; `arch`: "llama", "qwen2" or one of
     FAMILIES)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tmp = out.with_name(out.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if kind == "spm":
-        _spm_tokenizer(tmp)
+    if kind in ("spm", "gemma"):
+        _spm_tokenizer(tmp, gemma=kind == "gemma")
     elif kind == "digits":
         _bpe_tokenizer(tmp, split=None)
     else:
@@ -135,6 +136,16 @@ FAMILIES = {
                                                            "num_experts_per_tok": 2, "moe_intermediate_size": 256,
                                                            "norm_topk_prob": True}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # Hybrid: one gated-delta-net (linear attention) layer, one full-attention layer.
+    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", {
+        "head_dim": 64, "linear_key_head_dim": 64, "linear_value_head_dim": 64, "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4, "layer_types": ["linear_attention", "full_attention"]}),
+    # An older family: StableLM (2023): LayerNorm with biases, partial rotary.
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {"layer_norm_eps": 1e-5, "use_qkv_bias": True}),
+    # Gemma 4 (text): sliding and full attention layers.
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", {
+        "head_dim": 64, "sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"],
+        "per_layer_config": {"1": {"head_dim": 128}}, "hidden_size_per_layer_input": 0}),
 }
 
 

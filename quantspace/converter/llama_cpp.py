@@ -19,7 +19,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import QuantizeError, UnsupportedArchitectureError
+from ..errors import QuantizeError, TokenizerError, UnsupportedArchitectureError
 
 SCRIPT = "convert_hf_to_gguf.py"
 # What the script needs beside itself, inside the source distribution's vendor/llama.cpp/.
@@ -131,14 +131,17 @@ def convert(model_dir: Path, out_path: Path, out_type: str = "F16", mmproj: bool
     """Run llama.cpp's converter on `model_dir` into `out_path` (written under a temporary name first)."""
     folder = converter_dir()
     partial = out_path.with_name(out_path.name + ".partial")
-    args = [sys.executable, str(folder / SCRIPT), str(Path(model_dir).absolute()), "--outfile", str(partial),
-            "--outtype", out_type.lower()]
+    args = [sys.executable, str(Path(__file__).with_name("llama_cpp_run.py")), str(folder),
+            str(Path(model_dir).absolute()), "--outfile", str(partial), "--outtype", out_type.lower()]
     if mmproj:
         args.append("--mmproj")
     # Its own gguf-py (next to the script) must win over the gguf package installed here; the script puts it
     # first on its path unless NO_LOCAL_GGUF is set.
-    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_LOCAL_GGUF", "QUANTSPACE_BPE_PRE")}
     env["PYTHONPATH"] = str(folder / "gguf-py")
+    pre = recognised_pre(Path(model_dir))
+    if pre:
+        env["QUANTSPACE_BPE_PRE"] = pre
     done = subprocess.run(args, capture_output=True, text=True, env=env)
     if done.returncode != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
@@ -147,12 +150,27 @@ def convert(model_dir: Path, out_path: Path, out_type: str = "F16", mmproj: bool
     return out_path
 
 
+def recognised_pre(model_dir: Path) -> str | None:
+    """The llama.cpp pre-tokenizer our probe recognises in a byte-level BPE tokenizer.json, if any: llama.cpp's
+    converter knows tokenizers only by a hash of their token ids on its probe text, so a new or retrained
+    vocabulary with a well-known pre-tokenizer would be refused without it."""
+    from .vocab import detect_pre, effective_tokenizer_json, is_byte_level_bpe
+
+    if not (model_dir / "tokenizer.json").is_file():
+        return None
+    try:
+        tok = effective_tokenizer_json(model_dir)
+        return detect_pre(tok) if tok is not None and is_byte_level_bpe(tok) else None
+    except TokenizerError:
+        return None   # left to llama.cpp's own identification, and its one-line failure
+
+
 def failure_line(stderr: str) -> str:
     """The one line of a converter failure a user can act on: the exception it ended with."""
     lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b", line)]
     line = (errors or lines or ["no output"])[-1]
     if "pre-tokenizer" in line or "BPE pre-tokenizer" in stderr:
-        return ("its BPE pre-tokenizer is not one llama.cpp recognises (llama.cpp identifies it by how it "
-                f"tokenizes a probe text): {line[:300]}")
+        return ("its BPE pre-tokenizer is not one llama.cpp recognises (neither by llama.cpp's table of known "
+                f"vocabularies nor by how it splits QuantSpace's probe text): {line[:300]}")
     return line[:400]

@@ -1,8 +1,8 @@
 """Tokenizer → GGUF metadata, for the two tokenizer kinds llama.cpp reproduces exactly.
 
 - SentencePiece-style (llama-2, mistral): `tokenizer.model`, or a tokenizer.json BPE model with byte fallback.
-- Byte-level BPE (llama-3, qwen2, SmolLM, GPT-2): tokenizer.json; the pre-tokenizer is recognised from its
-  structure (data below) and written as `tokenizer.ggml.pre`, which selects llama.cpp's matching splitter.
+- Byte-level BPE (llama-3, qwen2, SmolLM, GPT-2): tokenizer.json; the pre-tokenizer is recognised by how it
+  splits a probe text (references below) and written as `tokenizer.ggml.pre`, which selects llama.cpp's splitter.
 
 Anything else raises TokenizerError: a GGUF whose tokenizer silently differs is worse than no GGUF.
 """
@@ -19,23 +19,54 @@ import gguf
 
 from ..errors import MissingFileError, TokenizerError
 
-# Regexes of byte-level pre-tokenizers as they appear in tokenizer.json, and the llama.cpp name for each.
+# Regexes of byte-level pre-tokenizers as tokenizer.json writes them.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _split_then_bytes(regex: str) -> dict[str, Any]:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+_GPT2_BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+# llama.cpp pre-tokenizer name → a tokenizers pre-tokenizer that splits text exactly as llama.cpp's does for it.
+# A tokenizer is recognised when it splits the probe text the same way, whatever its tokenizer.json looks like.
+PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "llama-bpe": _split_then_bytes(_LLAMA3_SPLIT),
+    "qwen2": _split_then_bytes(_QWEN2_SPLIT),
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _GPT2_BYTES]},
+    "gpt-2": _GPT2_BYTES,
+}
+
+# Text that tells the pre-tokenizers apart: digit runs of every length, contractions in both cases, runs and
+# mixes of spaces, tabs and newlines, punctuation runs, letters and digits of several scripts, emoji sequences.
+PROBE_TEXT = (
+    "\n \n\n \t\t \t\n  \r\n   x\n    \n🦙 (llama) 👩\u200d💻✨ 🚀🚀 7 77 777 7777 77777 777777 1.5 1..5 "
+    "١٢٣٤ 四五六七 ४२ café Ωmega über-straße Привет мир 日本語のテキストabc123 ～～ ----==== ''''```\"\"....!!!??? "
+    "I'm sure you'll see; We'VE 'RE 'S 'Ll she's THEY'D  it's    spaced\tout\n\n\nend "
 )
 
-# Signature (see _pre_signature) → llama.cpp pre-tokenizer name.
-PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
-    ("split:" + _LLAMA3_SPLIT, "bytelevel:noregex"): "llama-bpe",
-    ("split:" + _QWEN2_SPLIT, "bytelevel:noregex"): "qwen2",
-    ("digits:individual", "bytelevel:regex"): "smollm",
-    ("bytelevel:regex",): "gpt-2",
-}
+
+def _splits(pre_tokenizer: dict[str, Any] | None) -> list[str] | None:
+    """How a pre-tokenizer (tokenizer.json form) splits the probe text; None when tokenizers cannot build it."""
+    from tokenizers import Tokenizer
+
+    if pre_tokenizer is None:
+        return None
+    holder = {"version": "1.0", "model": {"type": "WordLevel", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"},
+              "pre_tokenizer": pre_tokenizer}
+    try:
+        tok = Tokenizer.from_str(json.dumps(holder))
+    except Exception:   # tokenizers raises plain Exceptions for configs it does not know
+        return None
+    return [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(PROBE_TEXT)]
+
 
 # Fetched with the weights, and copied as they are next to a transformers checkpoint (AWQ, NF4).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -68,34 +99,26 @@ class VocabData:
             self.special.add_to_gguf(writer, quiet=True)
 
 
-def _pre_signature(node: dict[str, Any] | None) -> tuple[str, ...]:
-    """Flatten a tokenizer.json pre_tokenizer into comparable parts; unknown parts keep their type name."""
-    if node is None:
-        return ()
-    kind = node.get("type")
-    if kind == "Sequence":
-        return tuple(part for child in node.get("pretokenizers", []) for part in _pre_signature(child))
-    if kind == "Split":
-        pattern = node.get("pattern", {})
-        return ("split:" + str(pattern.get("Regex", pattern.get("String", ""))),)
-    if kind == "ByteLevel":
-        return ("bytelevel:" + ("regex" if node.get("use_regex", True) else "noregex"),)
-    if kind == "Digits":
-        return ("digits:" + ("individual" if node.get("individual_digits") else "grouped"),)
-    return (str(kind),)
-
-
 def detect_pre(tokenizer_json: dict[str, Any]) -> str:
-    """The llama.cpp pre-tokenizer name for a byte-level BPE tokenizer, or TokenizerError."""
-    signature = _pre_signature(tokenizer_json.get("pre_tokenizer"))
-    try:
-        return PRE_TOKENIZERS[signature]
-    except KeyError:
-        shown = ", ".join(s[:60] for s in signature) or "none"
-        raise TokenizerError(
-            f"This byte-level BPE tokenizer's pre-tokenizer ({shown}) is not one llama.cpp reproduces; "
-            "the GGUF would tokenize differently from the original, so it is not converted."
-        ) from None
+    """The llama.cpp pre-tokenizer name for a byte-level BPE tokenizer, recognised by how it splits a probe text
+    (as llama.cpp recognises tokenizers by how they tokenize its own), or TokenizerError."""
+    got = _splits(tokenizer_json.get("pre_tokenizer"))
+    if got is not None:
+        for name, reference in PRE_TOKENIZERS.items():
+            if _splits(reference) == got:
+                return name
+    kind = (tokenizer_json.get("pre_tokenizer") or {}).get("type", "none")
+    raise TokenizerError(
+        f"This byte-level BPE tokenizer's pre-tokenizer ({kind}) splits text unlike any llama.cpp reproduces "
+        f"({', '.join(PRE_TOKENIZERS)}); the GGUF would tokenize differently from the original, so it is not "
+        "converted."
+    )
+
+
+def is_byte_level_bpe(tokenizer_json: dict[str, Any]) -> bool:
+    """A BPE model without SentencePiece's byte fallback: the kind whose pre-tokenizer llama.cpp must be told."""
+    model = tokenizer_json.get("model", {})
+    return model.get("type") == "BPE" and not model.get("byte_fallback")
 
 
 def _added_types(tokenizer_json: dict[str, Any]) -> dict[int, int]:
