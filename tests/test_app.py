@@ -23,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Gradio does not support OAuth")
 TINY = "quantorg/tiny-llama"
 # An architecture no converter knows (llama.cpp's converter takes GPT-2 and ~280 others).
 UNKNOWN = "quantorg/tiny-mystery"
+NEWER = {"quantorg/tiny-gemma3": ("spm", "gemma3"), "quantorg/tiny-qwen3": ("bpe", "qwen3")}
 
 
 @dataclass
@@ -70,6 +71,11 @@ def launch_app_env(tmp: Path, mp: pytest.MonkeyPatch, hub: HubServer, tiny: Path
     (mystery / "config.json").write_text(json.dumps(cfg))
     hub.create_repo(UNKNOWN)
     hub.upload_folder(UNKNOWN, mystery)
+    from tests.conftest import _tiny
+
+    for repo, (kind, arch) in NEWER.items():   # the families people type in first today
+        hub.create_repo(repo)
+        hub.upload_folder(repo, _tiny(f"tiny-{arch}", kind, arch))
 
 
 @pytest.fixture(scope="module")

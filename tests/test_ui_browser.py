@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.hubserver import HubServer
-from tests.test_app import TINY, UNKNOWN, launch_app_env
+from tests.test_app import NEWER, TINY, UNKNOWN, launch_app_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -116,6 +116,15 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
         model.press("Enter")
         expect(preflight).to_contain_text(message)
         expect(page.locator("#run")).to_be_disabled()
+
+    # Gemma 3 and Qwen3 pass the preflight, saying which converter will make the GGUF.
+    for repo, arch in [(r, f"{a.capitalize()}ForCausalLM") for r, (_, a) in NEWER.items()]:
+        model.fill(repo)
+        model.press("Enter")
+        expect(preflight).to_contain_text(arch)
+        expect(preflight).to_contain_text("Converted by")
+        expect(preflight).to_contain_text("Ready.")
+        expect(page.locator("#run")).to_be_enabled()
 
     model.fill(TINY)
     model.press("Enter")
