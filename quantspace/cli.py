@@ -1,4 +1,4 @@
-"""`python -m quantspace quantize|estimate`: a thin shell over the pipeline with progress bars."""
+"""`python -m quantspace quantize|estimate|architectures`: a thin shell over the pipeline with progress bars."""
 
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("source")
     e.add_argument("--method", default="gguf", help=f"output format: {', '.join(REGISTRY)} (default: gguf)")
     e.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("architectures", help="the model architectures each method supports")
     return p
 
 
@@ -114,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "estimate":
             return _estimate(args)
+        if args.command == "architectures":
+            return _architectures()
         return _quantize(args)
     except QuantSpaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -134,6 +137,20 @@ def _estimate(args: argparse.Namespace) -> int:
           f"{format_size(est.source_bytes, 1)} of weights")
     for variant, size in est.sizes.items():
         print(f"  {variant:<8} {format_size(size, 1):>10}  ({8 * size / max(1, est.parameters):.2f} bits/weight)")
+    return 0
+
+
+def _architectures() -> int:
+    from .archs import supported
+    from .converter import llama_cpp
+
+    ours = supported("gguf")
+    others = sorted(llama_cpp.architectures() - set(ours))
+    print(f"gguf, QuantSpace's streaming converter ({len(ours)}): {', '.join(ours)}")
+    print(f"gguf, llama.cpp's convert_hf_to_gguf.py of llama-cpp-python {llama_cpp.llama_cpp_version()} "
+          f"({len(others)}): {', '.join(others)}")
+    print(f"awq ({len(supported('awq'))}): {', '.join(supported('awq'))}")
+    print("nf4: any causal LM transformers loads without remote code (multimodal: the language model)")
     return 0
 
 

@@ -93,3 +93,19 @@ def test_a_missing_converter_says_how_to_get_it(tmp_path, monkeypatch):
 def test_failure_line_keeps_the_exception():
     stderr = "INFO:hf-to-gguf:Loading model\nTraceback (most recent call last):\n  File x\nValueError: bad rope\n"
     assert lcpp_convert.failure_line(stderr) == "ValueError: bad rope"
+
+
+def test_the_cli_lists_what_each_method_supports(capsys):
+    """The refusal points to `python -m quantspace architectures`; it lists each converter's architectures."""
+    from quantspace.archs import supported
+    from quantspace.cli import main
+
+    with pytest.raises(UnsupportedArchitectureError, match="python -m quantspace architectures"):
+        lcpp_convert.check({"architectures": ["MysteryForCausalLM"]})
+    assert main(["architectures"]) == 0
+    ours, theirs, awq, nf4 = capsys.readouterr().out.splitlines()
+    assert ours.startswith("gguf, QuantSpace's streaming converter") and all(a in ours for a in supported("gguf"))
+    assert theirs.startswith("gguf, llama.cpp's") and "Qwen3MoeForCausalLM" in theirs
+    assert not any(a in theirs.split(": ", 1)[1].split(", ") for a in supported("gguf"))
+    assert awq.startswith("awq") and all(a in awq for a in supported("awq")) and nf4.startswith("nf4")
+    assert "MysteryForCausalLM" not in ours + theirs + awq

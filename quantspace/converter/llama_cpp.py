@@ -124,7 +124,8 @@ def check(config: dict) -> str:
     shown = ", ".join(names) or f"model_type={config.get('model_type', 'unknown')}"
     raise UnsupportedArchitectureError(
         f"Architecture {shown} is not supported for GGUF: neither our converter nor llama.cpp's "
-        f"(llama.cpp of llama-cpp-python {llama_cpp_version()}, {len(known)} architectures) knows it.")
+        f"(llama.cpp of llama-cpp-python {llama_cpp_version()}, {len(known)} architectures) knows it; "
+        "`python -m quantspace architectures` lists them.")
 
 
 def convert(model_dir: Path, out_path: Path, out_type: str = "F16", mmproj: bool = False) -> Path:
