@@ -49,17 +49,18 @@ def tower_patterns(modules: list[str]) -> list[str]:
 
 def auto_class_name(config: dict[str, Any]) -> str | None:
     """The transformers Auto class that loads this model with its language-model head, without remote code:
-    AutoModelForCausalLM when it maps the model type, else AutoModelForImageTextToText for a multimodal one."""
+    AutoModelForImageTextToText for a multimodal model it maps (it takes images too), else AutoModelForCausalLM
+    when it maps the model type."""
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         return None
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "AutoModelForCausalLM"
     if is_multimodal(config) and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return "AutoModelForImageTextToText"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "AutoModelForCausalLM"
     return None
 
 

@@ -133,3 +133,47 @@ def test_the_mmproj_is_pushed_in_the_same_commit(tiny_vlm, tmp_path, hub):
     assert len(hub.commits(repo)) == 2   # the repo's initial commit + ours: the projector came with the rest
     card = files["README.md"].decode()
     assert f"llama-mtmd-cli -hf {repo}:Q8_0" in card and f"--mmproj {MMPROJ}" in card
+
+
+def test_nf4_keeps_the_towers_16bit_and_trains_the_language_model(tiny_vlm, tmp_path):
+    import torch
+    from bitsandbytes.nn import Linear4bit
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from quantspace import quantize
+
+    pre = preflight(str(tiny_vlm), "nf4", evaluate=True)
+    assert pre.ok, pre.problems
+    out = tmp_path / "out"
+    report = quantize(str(tiny_vlm), method="nf4", out=out, ctx=64, max_chunks=2,
+                      options={"qlora_steps": 2, "qlora_seqlen": 32})
+    f = report.files[0]
+    assert abs(pre.sizes["NF4"] - f.size_bytes) / f.size_bytes < 0.05, (pre.sizes, f.size_bytes)
+    assert f.details["towers_16bit"] == ["vision_tower", "multi_modal_projector"]
+    assert f.details["lora_targets"] == LM_TARGETS
+    m = f.metrics   # the 4-bit language model against the source's, on text
+    assert math.isfinite(m["kld_mean"]) and 0 <= m["kld_mean"] < 1 and m["top1_agreement"] > 0.3, m
+    # LoRA on the language model's decoder linears only (the SigLIP tower has q_proj/k_proj/v_proj too).
+    q = f.details["qlora"]
+    assert q["lora_tensors"] == q["lora_tensors_with_gradient"] == 2 * len(LM_TARGETS) * 2
+    assert math.isfinite(q["loss_before"]) and math.isfinite(q["loss_after"])
+    # The checkpoint reloads as a user loads it: 4-bit language model, 16-bit tower, and it still sees images.
+    model = AutoModelForImageTextToText.from_pretrained(out, device_map={"": "cpu"})
+    four_bit = [n for n, mod in model.named_modules() if isinstance(mod, Linear4bit)]
+    assert len(four_bit) == len(LM_TARGETS) * 2 and all(".language_model." in n for n in four_bit), four_bit
+    tower = [mod for n, mod in model.named_modules() if ".vision_tower." in n and isinstance(mod, torch.nn.Linear)]
+    assert tower and not any(isinstance(mod, Linear4bit) for mod in tower)
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = processor(text="Describe <start_of_image>", images=Image.fromarray(_image()), return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+    card = (out / "README.md").read_text()
+    assert "AutoModelForImageTextToText.from_pretrained(model_id" in card and "exclude_modules=" in card
+
+
+def test_awq_refuses_a_multimodal_model_in_one_line(tiny_vlm):
+    pre = preflight(str(tiny_vlm), "awq", evaluate=False)
+    assert not pre.ok and pre.problems == ["AWQ does not support Gemma3ForConditionalGeneration yet (supported: "
+                                           + pre.problems[0].split("(supported: ", 1)[1]], pre.problems
