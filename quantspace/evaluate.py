@@ -274,12 +274,14 @@ def evaluate_source(
     ``ctx/2 x vocab``) plus a bounded float64 work block.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from .multimodal import load_lm, vocab_size
 
     with _torch_threads(settings.n_threads):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        # A multimodal source is run on text alone: its language model is what the quantized text model keeps.
+        model = load_lm(model_dir, dtype=torch.float32)
         model.eval()
-        tokenizer_size = _tokenizer_size(model_dir, model.config.vocab_size)
+        tokenizer_size = _tokenizer_size(model_dir, vocab_size(model))
         logits = _source_chunk_logits(model, chunks, settings)
         try:
             return reference_from_logits(
@@ -525,8 +527,10 @@ def _kl_rows(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
 def evaluate_torch_model(model: Any, ref: Reference, progress: Progress | None = None) -> Metrics:
     """Evaluate a loaded transformers causal LM (any device, e.g. an AWQ or bitsandbytes checkpoint)
     on the reference's token chunks and compare it to the source."""
+    from .multimodal import vocab_size
+
     model.eval()
-    common_vocab(ref.vocab_size, int(model.config.vocab_size), ref.tokenizer_size)
+    common_vocab(ref.vocab_size, vocab_size(model), ref.tokenizer_size)
     logits = _source_chunk_logits(model, ref.tokens, ref.settings)
     try:
         return compare_to_reference(ref, logits, progress)

@@ -94,7 +94,9 @@ def eval_scratch_bytes(config: dict[str, Any], ctx: int = 512, max_chunks: int =
     from .evaluate import EvalSettings
 
     settings = EvalSettings(ctx=ctx, max_chunks=max_chunks)
-    vocab = int(config.get("vocab_size") or 0)
+    from .multimodal import text_config
+
+    vocab = int(text_config(config).get("vocab_size") or 0)   # a multimodal config keeps it in text_config
     return settings.scored_per_chunk * settings.max_chunks * vocab * FP16_BYTES
 
 
@@ -157,6 +159,9 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
         return result
     result.parameters = est.parameters
     result.sizes = est.sizes if result.variants else {}
+    if "mmproj" in result.sizes:   # GGUF of a multimodal model: the projector file, counted with the outputs
+        result.checks.append(f"Also writes mmproj-{info.name}-F16.gguf, the vision/audio projector for "
+                             f"llama-mtmd-cli / llama-server --mmproj (about {format_size(result.sizes['mmproj'])}).")
     result.download_bytes = 0 if info.local_dir is not None else est.source_bytes
     # A 16-bit copy of the model is the usual intermediate (GGUF's F16 file, a GPU format's loaded weights).
     intermediate = FP16_BYTES * est.parameters

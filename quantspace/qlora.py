@@ -31,15 +31,18 @@ class QLoRAResult:
     compute_dtype: str          # what the 4-bit layers computed in during the check
     device: str
     seconds: float
+    exclude_modules: str | None = None   # modules kept free of LoRA (a multimodal model's towers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str], steps: int,
-                device: str) -> dict[str, Any]:
+                device: str, exclude_modules: str | None = None) -> dict[str, Any]:
     """Reload `folder`, wrap it with peft and run `steps` AdamW steps on blocks[1:], measuring the loss on
-    blocks[0] before and after. QuantizeError when a loss is not finite or no LoRA weight got a gradient."""
+    blocks[0] before and after. QuantizeError when a loss is not finite or no LoRA weight got a gradient.
+    `exclude_modules` (a regex) keeps LoRA off a multimodal model's towers, which share layer names (q_proj...)
+    with the language model."""
     import torch
     from bitsandbytes.nn import Linear4bit
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -61,7 +64,7 @@ def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str],
             layer.compute_dtype = dtype
     compute_dtype = str(layers[0].compute_dtype).removeprefix("torch.")
     config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules=list(target_modules),
-                        task_type="CAUSAL_LM")
+                        exclude_modules=exclude_modules, task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # peft calls a transformers API deprecated for v6
         # Gradient checkpointing only saves memory; the few steps here do not need it.
@@ -97,13 +100,14 @@ def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str],
         loss_before=loss_before, loss_after=loss_after, target_modules=list(target_modules),
         lora_tensors=len(lora), lora_tensors_with_gradient=len(with_gradient),
         compute_dtype=compute_dtype, device=device, seconds=round(time.perf_counter() - started, 2),
+        exclude_modules=exclude_modules,
     ).to_dict()
 
 
 def load_4bit(folder: str, device: str) -> Any:
-    from transformers import AutoModelForCausalLM
+    from .multimodal import load_lm
 
-    return AutoModelForCausalLM.from_pretrained(folder, device_map={"": device})
+    return load_lm(folder, device_map={"": device})
 
 
 def cpu_has_bf16() -> bool:

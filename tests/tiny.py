@@ -160,3 +160,65 @@ def _family_model(arch: str, common: dict) -> torch.nn.Module:
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+# The tiny Gemma 3 vision model's image: 64x64 pixels in 16x16 patches (a 4x4 grid), pooled to 2x2 = 4 tokens.
+VISION_IMAGE_SIZE, VISION_PATCH, IMAGE_TOKENS = 64, 16, 4
+GEMMA3_IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+
+
+def build_tiny_gemma3_vision(out: Path, seed: int = 0) -> Path:
+    """A tiny random Gemma3ForConditionalGeneration: the gemma3 family's text model (hidden 256, 2 layers,
+    SentencePiece tokenizer plus Gemma 3's image tokens) with a small SigLIP vision tower, and the processor files
+    (preprocessor_config.json, processor_config.json) transformers and llama.cpp's converter read."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, Gemma3ImageProcessor, Gemma3Processor
+
+    tmp = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _spm_tokenizer(tmp)
+    boi, eoi, image = GEMMA3_IMAGE_TOKENS
+    config_path = tmp / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["extra_special_tokens"] = {"boi_token": boi, "eoi_token": eoi, "image_token": image}
+    config_path.write_text(json.dumps(tok_config))
+    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA3_IMAGE_TOKENS)})
+    ids = tokenizer.convert_tokens_to_ids(list(GEMMA3_IMAGE_TOKENS))
+    processor = Gemma3Processor(
+        Gemma3ImageProcessor(size={"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE}, do_pan_and_scan=False),
+        tokenizer, image_seq_length=IMAGE_TOKENS,
+        chat_template=("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% if m['content'] is string %}"
+                       "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                       "<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n"
+                       "{% endfor %}"))
+    processor.save_pretrained(tmp)
+    _, _, overrides = FAMILIES["gemma3"]
+    text = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, rms_norm_eps=1e-5,
+                **overrides)
+    vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=VISION_IMAGE_SIZE, patch_size=VISION_PATCH, vision_use_head=False)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=IMAGE_TOKENS,
+                                       boi_token_index=ids[0], eoi_token_index=ids[1], image_token_index=ids[2],
+                                       tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():   # as _family_model: weights that tell a right conversion from a wrong one
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp, safe_serialization=True)
+    # transformers 5 saves the SigLIP tower without its `vision_model.` level; Hub checkpoints (and llama.cpp's
+    # tensor map) have it, and transformers loads either.
+    weights = load_file(tmp / "model.safetensors")
+    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v
+               for k, v in weights.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -175,3 +175,35 @@ def failure_line(stderr: str) -> str:
         return ("its BPE pre-tokenizer is not one llama.cpp recognises (neither by llama.cpp's table of known "
                 f"vocabularies nor by how it splits QuantSpace's probe text): {line[:300]}")
     return line[:400]
+
+
+# --- the vision/audio projector (mmproj) of multimodal checkpoints ---
+
+# conversion/__init__.py maps each architecture with a projector to the module of its `--mmproj` class.
+MMPROJ_MAP = re.compile(r"^MMPROJ_MODEL_MAP\b[^{]*\{(.*?)^\}", re.S | re.M)
+KEY = re.compile(r"^\s*[\"']([A-Za-z0-9_]+)[\"']\s*:", re.M)
+
+
+@lru_cache(maxsize=4)
+def _mmproj_architectures(folder: Path) -> frozenset[str]:
+    found = MMPROJ_MAP.search((folder / "conversion" / "__init__.py").read_text(encoding="utf-8"))
+    return frozenset(KEY.findall(found.group(1))) if found else frozenset()
+
+
+def check_mmproj(config: dict) -> str:
+    """The architecture llama.cpp's converter writes a projector (mmproj) for, or UnsupportedArchitectureError."""
+    names = config.get("architectures") or []
+    known = _mmproj_architectures(converter_dir())
+    for name in names:
+        if name in known:
+            return name
+    shown = ", ".join(names) or f"model_type={config.get('model_type', 'unknown')}"
+    raise UnsupportedArchitectureError(
+        f"{shown} is multimodal, but llama.cpp's converter (llama-cpp-python {llama_cpp_version()}) cannot write "
+        "its vision/audio projector (mmproj); its GGUF would not see images.")
+
+
+def convert_mmproj(model_dir: Path, out_path: Path) -> Path:
+    """The projector file llama-mtmd-cli / llama-server take with --mmproj, in F16 (converted once; the towers
+    are small next to the language model and are not quantized per variant)."""
+    return convert(model_dir, out_path, out_type="F16", mmproj=True)

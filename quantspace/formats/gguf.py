@@ -17,6 +17,7 @@ from ..archs import arch_of
 from ..archs import load_config
 from ..converter.streaming import HParams, convert
 from ..errors import QuantizeError, UnsupportedArchitectureError
+from ..multimodal import is_multimodal, text_config, tower_of
 from ..converter.tensor_types import (choose_types, f16_tensors, file_bytes, generic_f16_tensors, generic_model_facts,
                           kv_bytes, model_facts)
 from . import Context, Option, Output, TensorStats, Tick, pick_variants
@@ -104,7 +105,12 @@ OURS, LLAMA_CPP = "QuantSpace's streaming converter", "llama.cpp's convert_hf_to
 
 def converter_for(config: dict[str, Any]) -> str:
     """Which converter makes the F16 file: ours for the families it has (measured faster, same bytes), else
-    llama.cpp's own; UnsupportedArchitectureError when neither knows the model."""
+    llama.cpp's own; UnsupportedArchitectureError when neither knows the model. A multimodal model is always
+    llama.cpp's (it also writes the projector, mmproj)."""
+    if is_multimodal(config):
+        lcpp_convert.check(config)
+        lcpp_convert.check_mmproj(config)
+        return LLAMA_CPP
     try:
         arch_of(config)
     except UnsupportedArchitectureError:
@@ -133,7 +139,11 @@ class GGUF:
         return None
 
     def check_architecture(self, config: dict[str, Any]) -> str:
-        return f"Converted by {converter_for(config)}."
+        converter = converter_for(config)
+        if is_multimodal(config):
+            return (f"Converted by {converter}: the language model as GGUF, its vision/audio towers as one "
+                    "mmproj file (F16) for llama-mtmd-cli / llama-server --mmproj.")
+        return f"Converted by {converter}."
 
     def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
         self.check_architecture(config)
@@ -146,8 +156,11 @@ class GGUF:
         if converter_for(stats.config) == OURS:
             tensors, facts = f16_tensors(stats.shapes, stats.config), model_facts(stats.config)
         else:
-            tensors, facts = generic_f16_tensors(stats.shapes, stats.config), generic_model_facts(stats.config)
-        kv = kv_bytes(stats.config, stats.files)
+            # A multimodal model's GGUF is its language model; the towers go to the mmproj file.
+            config = text_config(stats.config)
+            text = {n: s for n, s in stats.shapes.items() if tower_of(n) is None}
+            tensors, facts = generic_f16_tensors(text, config), generic_model_facts(config)
+        kv = kv_bytes(text_config(stats.config), stats.files)
         sizes = {}
         for v in variants:
             if v in DIRECT:   # our converter: 2-D weights in the 16-bit type, the rest F32
@@ -156,6 +169,8 @@ class GGUF:
             else:
                 types = choose_types(tensors, VARIANTS[v].ftype, facts)
             sizes[v] = file_bytes(tensors, types, kv)
+        if is_multimodal(stats.config):
+            sizes[MMPROJ] = mmproj_bytes(stats.shapes)
         return sizes
 
     def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
@@ -187,6 +202,8 @@ class GGUF:
             outputs.append(Output(v, (path,), details={"converter": converter}))
         if needs_f16 and "F16" not in variants:
             base.unlink(missing_ok=True)   # the intermediate is not a deliverable
+        if is_multimodal(load_config(model_dir)):
+            outputs = with_mmproj(outputs, model_dir, out_dir / mmproj_name(name), stage)
         return outputs
 
     def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
@@ -199,6 +216,9 @@ class GGUF:
 
     def usage(self, repo_id: str | None, report: "Report") -> str:
         pick = next((f for f in report.files if f.variant == "Q4_K_M"), report.files[0])
+        mmproj = mmproj_of(report)
+        if mmproj:
+            return mmproj_usage(repo_id, pick.filename, pick.variant, mmproj)
         if repo_id is None:  # not pushed: point at the local files
             return "\n".join([
                 "```sh",
@@ -231,4 +251,70 @@ class GGUF:
 
     def card_notes(self, report: "Report") -> str:
         converter = (report.files[0].details or {}).get("converter") if report.files else None
-        return f"The 16-bit GGUF these files were quantized from was made by {converter}." if converter else ""
+        notes = f"The 16-bit GGUF these files were quantized from was made by {converter}." if converter else ""
+        mmproj = mmproj_of(report)
+        if mmproj:
+            notes += (f"\n\n`{mmproj}` is the vision/audio projector (llama.cpp's `--mmproj` conversion, F16, "
+                      "the same for every file above): give it with `--mmproj` to use images. The accuracy "
+                      "numbers are the language model's, on text only, against the source's language model.")
+        return notes
+
+
+# --- multimodal checkpoints: the towers go to one projector file ---
+
+MMPROJ = "mmproj"   # its key among the estimated sizes and in an output's details
+
+
+def mmproj_name(name: str) -> str:
+    return f"mmproj-{name}-F16.gguf"
+
+
+def mmproj_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The projector file llama.cpp writes: the towers' weights in F16, their norms, biases and (as for Gemma 3)
+    patch and position embeddings in F32; a close estimate, as each model's converter class may force others."""
+    tensors = {n: (tuple(s), Q.F16 if len(s) >= 2 and ".embeddings." not in n else Q.F32)
+               for n, s in shapes.items() if tower_of(n)}
+    return file_bytes(tensors, {n: t for n, (_, t) in tensors.items()}, HPARAM_MMPROJ_KV_BYTES)
+
+
+HPARAM_MMPROJ_KV_BYTES = 2048   # clip.* settings, image mean/std, projector type
+
+
+def with_mmproj(outputs: list[Output], model_dir: Path, path: Path, stage: Any) -> list[Output]:
+    """Convert the projector once; it goes with the first variant's files (pushed with them, not counted in its
+    size) and every variant's details name it."""
+    tick = stage("convert mmproj (llama.cpp's converter)")
+    tick(0, 1)
+    lcpp_convert.convert_mmproj(model_dir, path)
+    tick(1, 1)
+    facts = {MMPROJ: path.name, "mmproj_bytes": path.stat().st_size}
+    return [Output(o.variant, o.weights, o.extra + ((path,) if i == 0 else ()), {**o.details, **facts})
+            for i, o in enumerate(outputs)]
+
+
+def mmproj_of(report: "Report") -> str | None:
+    return next(((f.details or {}).get(MMPROJ) for f in report.files if (f.details or {}).get(MMPROJ)), None)
+
+
+def mmproj_usage(repo_id: str | None, filename: str, variant: str, mmproj: str) -> str:
+    lines = []
+    if repo_id is not None:
+        lines += [
+            "### llama.cpp (text and images)",
+            "`-hf` fetches the projector with the model:",
+            "```sh",
+            f"llama-mtmd-cli -hf {repo_id}:{variant} --image photo.jpg -p \"Describe this image.\"",
+            f"llama-server -hf {repo_id}:{variant}",
+            "```",
+            "",
+            f"Or with the files downloaded (`hf download {repo_id} {filename} {mmproj} --local-dir .`):",
+        ]
+    lines += [
+        "```sh",
+        f"llama-mtmd-cli -m {filename} --mmproj {mmproj} --image photo.jpg -p \"Describe this image.\"",
+        f"llama-server -m {filename} --mmproj {mmproj}",
+        "```",
+        "",
+        f"Without `--mmproj` the model runs as a text-only LLM (`llama-cli -m {filename}`).",
+    ]
+    return "\n".join(lines)

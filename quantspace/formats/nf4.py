@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..archs import LORA_ORDER
 from ..archs import load_config
 from ..errors import BadOptionError, QuantizeError, UnsupportedArchitectureError
+from ..multimodal import auto_class_name, is_multimodal, load_lm, tower_of, tower_patterns, towers
 from ..qlora import LORA_RANK, qlora_check
 from ..report import format_size
 from . import Context, Option, Output, TensorStats, Tick, copy_source_files, pick_variants, run_directly
@@ -69,12 +70,13 @@ def quantize_folder(model_dir: str, out: str, config: dict[str, Any], device: st
     """Load `model_dir` quantized on `device`, save it to `out`; returns facts about the loaded model."""
     import torch
     from bitsandbytes.nn import Linear4bit
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     dtype = getattr(torch, config["bnb_4bit_compute_dtype"])
-    # Unquantized parts (embeddings, norms, skipped modules) are stored in the compute dtype too.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**config),
-                                                 dtype=dtype, device_map={"": device})
+    # Unquantized parts (embeddings, norms, skipped modules, a multimodal model's towers) are stored in the
+    # compute dtype too.
+    model = load_lm(model_dir, quantization_config=BitsAndBytesConfig(**config), dtype=dtype,
+                    device_map={"": device})
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     if not layers:
         raise QuantizeError(f"bitsandbytes quantized no layer of {Path(model_dir).name}; nothing would be 4-bit.")
@@ -84,11 +86,9 @@ def quantize_folder(model_dir: str, out: str, config: dict[str, Any], device: st
 
 def evaluate_folder(folder: str, ref: "Reference", device: str, progress: Tick | None = None) -> "Metrics":
     """Load the saved checkpoint as a user would (transformers + bitsandbytes) and score it."""
-    from transformers import AutoModelForCausalLM
-
     from ..evaluate import evaluate_torch_model
 
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device})
+    model = load_lm(folder, device_map={"": device})
     return evaluate_torch_model(model, ref, progress)
 
 
@@ -125,7 +125,7 @@ class NF4:
         # block and one fp32 absmax per 256 blocks, plus per layer its code tables and quant state (~2 KB with
         # the safetensors header entries). Embeddings, lm_head and 1-D tensors stay 16-bit. Without double
         # quant the file is about 4% larger (an fp32 absmax per block).
-        quantized = [n for name, n in stats.matrix_params.items() if not _stays_16bit(name)]
+        quantized = [n for name, n in stats.matrix_params.items() if not _stays_16bit(name) and not tower_of(name)]
         sixteen = stats.total - sum(quantized)
         size = sum(n // 2 + n // BLOCK + 4 * -(-n // (BLOCK * 256)) + LAYER_EXTRA_BYTES for n in quantized)
         size += 2 * sixteen + TENSOR_HEADER_BYTES * (len(stats.shapes) - len(quantized))
@@ -136,6 +136,8 @@ class NF4:
         opts = ctx.options
         config = bnb_config(variant, opts)
         _check_skip_modules(model_dir, config["llm_int8_skip_modules"])
+        kept = tower_modules(model_dir)   # a multimodal model's towers and projector stay 16-bit
+        config["llm_int8_skip_modules"] += tower_patterns(kept)
         # The calibration text is read before quantizing, so a bad dataset fails before the long work.
         calibration = _qlora_blocks(model_dir, opts, ctx.token) if opts["qlora_check"] else None
         # Everything is written to a scratch folder first; only a finished, checked checkpoint reaches out_dir.
@@ -148,7 +150,9 @@ class NF4:
             "quant_type": config["bnb_4bit_quant_type"],
             "double_quant": config["bnb_4bit_use_double_quant"],
             "compute_dtype": config["bnb_4bit_compute_dtype"],
-            "skip_modules": config["llm_int8_skip_modules"],
+            "skip_modules": skip_list(opts["skip_modules"]),
+            "towers_16bit": kept,
+            "auto_class": auto_class_name(load_config(model_dir)),
             **facts,
             "source_memory_footprint_bytes": _source_footprint(model_dir),
             "source_file_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
@@ -159,7 +163,7 @@ class NF4:
             source, blocks = calibration
             tick = ctx.stage("QLoRA check")
             result = ctx.run_gpu(qlora_check, str(staging), blocks, details["lora_targets"], int(opts["qlora_steps"]),
-                                 ctx.device)
+                                 ctx.device, lora_exclude(kept))
             details["qlora"] = {**result, "calibration": source}
             tick(1, 1)
         return [_move_into(staging, out_dir, variant, details)]
@@ -176,6 +180,16 @@ class NF4:
     def usage(self, repo_id: str | None, report: "Report") -> str:
         where = f'"{repo_id}"' if repo_id else '"."  # the folder this card is in'
         targets = lora_targets(report)
+        details = (report.files[0].details or {}) if report.files else {}
+        auto = details.get("auto_class") or "AutoModelForCausalLM"
+        kept = details.get("towers_16bit") or []
+        exclude = lora_exclude(kept)
+        lora_line = f"                  target_modules={json.dumps(targets)})"
+        if exclude:   # the towers have layers of the same names; LoRA goes on the language model only
+            lora_line = (f"                  target_modules={json.dumps(targets)},\n"
+                         f"                  exclude_modules={json.dumps(exclude)})")
+        if kept:
+            return multimodal_usage(where, auto, lora_line, kept)
         return "\n".join([
             "Needs `transformers`, `accelerate` and `bitsandbytes` (CUDA, or bitsandbytes' CPU backend); "
             "the quantization settings are read from `config.json`.",
@@ -229,6 +243,10 @@ class NF4:
             if report.evaluation is not None:
                 parts += ["", "Accuracy above: the saved checkpoint loaded with transformers + bitsandbytes "
                           f"(computing in `{d['compute_dtype']}`), scored on the same token ids as the source."]
+        if d.get("towers_16bit"):
+            parts += ["", f"Multimodal: {', '.join(f'`{m}`' for m in d['towers_16bit'])} stay 16-bit (bitsandbytes "
+                      "skips them); the language model is 4-bit. The accuracy above is the language model's, on "
+                      "text only."]
         q = d.get("qlora")
         if q:
             parts += [
@@ -254,28 +272,69 @@ class NF4:
         return "\n".join(parts)
 
 
+def multimodal_usage(where: str, auto: str, lora_line: str, kept: list[str]) -> str:
+    return "\n".join([
+        "Needs `transformers`, `accelerate` and `bitsandbytes` (CUDA, or bitsandbytes' CPU backend); the "
+        f"quantization settings are read from `config.json`, which keeps {', '.join(f'`{m}`' for m in kept)} "
+        "16-bit.",
+        "",
+        "### Inference (text and images)",
+        "```python",
+        f"from transformers import {auto}, AutoProcessor",
+        "",
+        f"model_id = {where}",
+        f'model = {auto}.from_pretrained(model_id, device_map="auto")',
+        "processor = AutoProcessor.from_pretrained(model_id)",
+        'messages = [{"role": "user", "content": [{"type": "image", "url": "photo.jpg"},',
+        '                                         {"type": "text", "text": "Describe this image."}]}]',
+        "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
+        '                                       return_dict=True, return_tensors="pt").to(model.device)',
+        "print(processor.decode(model.generate(**inputs, max_new_tokens=40)[0]))",
+        "```",
+        "",
+        "### QLoRA fine-tuning of the language model (peft)",
+        "```python",
+        "from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training",
+        f"from transformers import {auto}",
+        "",
+        f"model_id = {where}",
+        f'model = {auto}.from_pretrained(model_id, device_map="auto")',
+        "model = prepare_model_for_kbit_training(model)",
+        "lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type=\"CAUSAL_LM\",",
+        lora_line,
+        "model = get_peft_model(model, lora)",
+        "model.print_trainable_parameters()",
+        "```",
+    ])
+
+
 def lora_targets(report: "Report") -> list[str]:
     details = (report.files[0].details or {}) if report.files else {}
     q = details.get("qlora")
     return list(q["target_modules"] if q else details.get("lora_targets") or [])
 
 
-# Model types whose checkpoints carry a vision or audio tower: bitsandbytes would quantize the towers too.
-MULTIMODAL_KEYS = ("vision_config", "audio_config", "vision_tower", "mm_vision_tower")
-
-
 def causal_lm(config: dict[str, Any]) -> str:
-    """The transformers class AutoModelForCausalLM makes of this config (never remote code), or
-    UnsupportedArchitectureError saying why not."""
+    """The transformers class AutoModelForCausalLM (or, for a multimodal model, AutoModelForImageTextToText)
+    makes of this config (never remote code), or UnsupportedArchitectureError saying why not."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
     shown = ", ".join(config.get("architectures") or []) or f"model_type={model_type}"
-    if any(key in config for key in MULTIMODAL_KEYS):
-        raise UnsupportedArchitectureError(f"{shown} is multimodal; NF4 makes text-only causal LMs so far (its "
-                                           "vision/audio towers would be quantized too).")
     cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    if is_multimodal(config):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        # Its towers stay 16-bit and its language model is quantized; transformers must load it with its
+        # language-model head.
+        cls = cls or (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type) if isinstance(model_type, str)
+                      else None)
+        if cls is None:
+            raise UnsupportedArchitectureError(
+                f"{shown} is multimodal and neither AutoModelForCausalLM nor AutoModelForImageTextToText of "
+                f"transformers {transformers.__version__} loads it without remote code; NF4 cannot make it.")
+        return cls
     if cls is None:
         remote = " (its code lives in the repo, which is never run)" if config.get("auto_map") else ""
         raise UnsupportedArchitectureError(
@@ -286,16 +345,31 @@ def causal_lm(config: dict[str, Any]) -> str:
 
 def lora_targets_of(model_dir: Path) -> list[str]:
     """LoRA targets: every linear layer inside the decoder layers (2-D weights under a numbered block), by
-    name, as peft matches them; embeddings, the LM head and norms are not targets."""
+    name, as peft matches them; embeddings, the LM head, norms and a multimodal model's towers (excluded by
+    `lora_exclude`) are not targets."""
     from ..weights import all_entries
 
     names = set()
     for e in all_entries(model_dir):
+        if tower_of(e.name):
+            continue
         parts = e.name.split(".")
         if len(e.shape) == 2 and parts[-1] == "weight" and any(p.isdigit() for p in parts[:-2]):
             names.add(parts[-2])
     known = {name: i for i, name in enumerate(LORA_ORDER)}
     return sorted(names, key=lambda n: (known.get(n, len(known)), n))
+
+
+def tower_modules(model_dir: Path) -> list[str]:
+    """A multimodal checkpoint's tower and projector modules (e.g. vision_tower, multi_modal_projector)."""
+    from ..weights import all_entries
+
+    return towers([e.name for e in all_entries(model_dir)]) if is_multimodal(load_config(model_dir)) else []
+
+
+def lora_exclude(kept: list[str]) -> str | None:
+    """peft's exclude_modules for the towers (a full-match regex), so that LoRA targets the language model only."""
+    return "|".join(tower_patterns(kept)) or None
 
 
 def _stays_16bit(tensor: str) -> bool:
@@ -340,6 +414,12 @@ def _copy_source_files(model_dir: Path, staging: Path) -> None:
     source has none (transformers writes a default one)."""
     (staging / "generation_config.json").unlink(missing_ok=True)
     copy_source_files(model_dir, staging)
+    for name in PROCESSOR_FILES:   # a multimodal model's image/audio settings, for AutoProcessor
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, staging / name)
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def _source_footprint(model_dir: Path) -> int:
