@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# A multimodal model's image/audio settings: fetched with the weights, copied next to an NF4 checkpoint (for
+# AutoProcessor), read by llama.cpp's --mmproj conversion (image mean and std).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 # config.json keys that only multimodal checkpoints have.
 TOWER_CONFIG_KEYS = ("vision_config", "audio_config", "vision_tower", "mm_vision_tower")
 # Module names of towers and projectors in the checkpoints transformers and llama.cpp know (a tensor is a tower's

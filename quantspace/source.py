@@ -24,6 +24,7 @@ from .errors import (AuthError, BadOptionError, DownloadError, GatedRepoError, H
                      MissingFileError, PickleRefusedError, QuantSpaceError, SourceNotFoundError, TokenizerError,
                      first_line)
 from .converter.vocab import TOKENIZER_FILES, check_tokenizer_files
+from .multimodal import PROCESSOR_FILES
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
 CONFIG_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
@@ -288,7 +289,7 @@ def fetch(info: SourceInfo, token: str | None = None, cache_dir: Path | None = N
 
     assert info.repo_id is not None
     repo_id = info.repo_id
-    patterns = [*CONFIG_FILES, *TOKENIZER_FILES, *info.weight_files, "README.md"]
+    patterns = [*CONFIG_FILES, *PROCESSOR_FILES, *TOKENIZER_FILES, *info.weight_files, "README.md"]
     drop_abandoned_downloads(repo_id, cache_dir)
     failure = ""
     for attempt in range(retry.ATTEMPTS):

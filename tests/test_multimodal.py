@@ -122,11 +122,16 @@ def test_gguf_writes_text_variants_and_one_mmproj_llama_cpp_loads(tiny_vlm, tmp_
 
 
 def test_the_mmproj_is_pushed_in_the_same_commit(tiny_vlm, tmp_path, hub):
+    """From a Hub repo (the processor files, which the projector's conversion reads, come with the download) to
+    a Hub repo."""
     from quantspace import quantize
     from tests.hub_fixtures import ALICE_TOKEN
 
+    hub.create_repo(f"quantorg/{NAME}")
+    hub.upload_folder(f"quantorg/{NAME}", tiny_vlm)
     repo = f"quantorg/{NAME}-GGUF"
-    quantize(str(tiny_vlm), variants="Q8_0", out=tmp_path / "out", push=repo, token=ALICE_TOKEN, no_eval=True)
+    quantize(f"quantorg/{NAME}", variants="Q8_0", out=tmp_path / "out", push=repo, token=ALICE_TOKEN,
+             no_eval=True)
     files = hub.files(repo)
     assert {MMPROJ, f"{NAME}-Q8_0.gguf", "README.md", "quantspace.json"} <= set(files), sorted(files)
     assert files[MMPROJ] == (tmp_path / "out" / MMPROJ).read_bytes()

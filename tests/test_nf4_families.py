@@ -64,9 +64,12 @@ def test_not_a_causal_lm_and_remote_code_are_refused(tiny_bpe, tmp_path):
         causal_lm({"model_type": "my_own", "architectures": ["MyLM"], "auto_map": {"AutoModelForCausalLM": "x.MyLM"}})
     with pytest.raises(UnsupportedArchitectureError, match="is not a causal LM"):
         causal_lm({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]})
-    with pytest.raises(UnsupportedArchitectureError, match="multimodal"):
-        causal_lm({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
-                   "vision_config": {}})
+    # Multimodal: transformers' class with the language-model head; refused when only remote code would load it.
+    assert causal_lm({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                      "vision_config": {}}) == "Gemma3ForConditionalGeneration"
+    with pytest.raises(UnsupportedArchitectureError, match="is multimodal and neither"):
+        causal_lm({"model_type": "my_vlm", "architectures": ["MyVLM"], "vision_config": {},
+                   "auto_map": {"AutoModel": "x.MyVLM"}})
     folder = tmp_path / "t5"
     shutil.copytree(tiny_bpe, folder)
     cfg = json.loads((folder / "config.json").read_text())

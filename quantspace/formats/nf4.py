@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ..archs import LORA_ORDER
 from ..archs import load_config
 from ..errors import BadOptionError, QuantizeError, UnsupportedArchitectureError
-from ..multimodal import auto_class_name, is_multimodal, load_lm, tower_of, tower_patterns, towers
+from ..multimodal import (PROCESSOR_FILES, auto_class_name, is_multimodal, load_lm, tower_of, tower_patterns,
+                          towers)
 from ..qlora import LORA_RANK, qlora_check
 from ..report import format_size
 from . import Context, Option, Output, TensorStats, Tick, copy_source_files, pick_variants, run_directly
@@ -418,8 +419,6 @@ def _copy_source_files(model_dir: Path, staging: Path) -> None:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, staging / name)
 
-
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def _source_footprint(model_dir: Path) -> int:
