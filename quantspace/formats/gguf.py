@@ -106,11 +106,10 @@ def converter_for(config: dict[str, Any]) -> str:
     """Which converter makes the F16 file: ours for the families it has (measured faster, same bytes), else
     llama.cpp's own; UnsupportedArchitectureError when neither knows the model."""
     try:
-        arch_of(config)
+        HParams.from_config(config)   # the family, and any setting ours does not reproduce (e.g. YaRN RoPE)
     except UnsupportedArchitectureError:
         lcpp_convert.check(config)
         return LLAMA_CPP
-    HParams.from_config(config)   # ours refuses what it cannot reproduce (e.g. YaRN RoPE) with a clear line
     return OURS
 
 
