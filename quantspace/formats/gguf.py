@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 import gguf
 
 from ..converter import llama_cpp as lcpp_convert
-from ..archs import arch_of
 from ..archs import load_config
 from ..converter.streaming import HParams, convert
 from ..errors import QuantizeError, UnsupportedArchitectureError
