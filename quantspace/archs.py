@@ -32,6 +32,22 @@ class GGUFSpec:
     permute_qk: bool
     # Tensors in HF checkpoints that llama.cpp recomputes itself.
     skip_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    # Metadata keys beyond the ones every family gets (names of writers in converter/streaming.py HPARAM_KEYS).
+    extra_keys: tuple[str, ...] = ()
+    # Added to every "*norm.weight" tensor: Gemma's RMSNorm scales by (1 + w), llama.cpp's by w.
+    norm_shift: float = 0.0
+    # The embedding keeps only the rows of the config's vocabulary (Gemma 3 checkpoints may carry more).
+    trim_embedding: bool = False
+    # llama.cpp's converter writes this family's keys itself instead of its shared set (Phi-3).
+    own_keys: bool = False
+    # Which of llama.cpp's SentencePiece vocabulary readers the family goes through: "generic" or "phi3".
+    spm_reader: str = "generic"
+    # Tokenizer metadata rules of llama.cpp's converter beyond the vocabulary itself: "llama" (LlamaModel's:
+    # add_prefix_space copied from tokenizer_config.json, no BOS for 49152-token vocabularies), "gemma3"
+    # (add_space_prefix false) or None.
+    vocab_rules: str | None = None
+    # Config checks (names in streaming.CONFIG_CHECKS): what llama.cpp's graph assumes and we verify.
+    checks: tuple[str, ...] = ()
 
     @property
     def gguf_name(self) -> str:
@@ -57,20 +73,38 @@ AWQ_LLAMA = LayerSpec(
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
+# llama.cpp's LlamaModel adds these to the shared keys (LLAMA and families derived from it).
+LLAMA_KEYS = ("vocab_size", "rope_dimension_count")
+
 # --- the registry ---
 
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family(
-        gguf=GGUFSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+        gguf=GGUFSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, extra_keys=LLAMA_KEYS, vocab_rules="llama"),
         awq=AWQ_LLAMA,
     ),
     "MistralForCausalLM": Family(
-        gguf=GGUFSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+        gguf=GGUFSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, extra_keys=LLAMA_KEYS, vocab_rules="llama"),
         awq=AWQ_LLAMA,
     ),
     "Qwen2ForCausalLM": Family(
-        gguf=GGUFSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+        gguf=GGUFSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False, checks=("no_pooling",)),
         awq=AWQ_LLAMA,   # q/k/v biases are divided with the weights' rows where they precede a group
+    ),
+    "Qwen3ForCausalLM": Family(
+        gguf=GGUFSpec(gguf.MODEL_ARCH.QWEN3, permute_qk=False, checks=("no_pooling", "not_reranker")),
+    ),
+    "Gemma3ForCausalLM": Family(
+        gguf=GGUFSpec(gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_shift=1.0, trim_embedding=True, vocab_rules="gemma3",
+                      extra_keys=("gemma3",), checks=("gemma3_attention",)),
+    ),
+    "Phi3ForCausalLM": Family(   # Phi-3 and Phi-4
+        gguf=GGUFSpec(gguf.MODEL_ARCH.PHI3, permute_qk=False, own_keys=True, extra_keys=("phi3",),
+                      spm_reader="phi3", checks=("no_long_rope",)),
+    ),
+    "SmolLM3ForCausalLM": Family(
+        gguf=GGUFSpec(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, extra_keys=LLAMA_KEYS,
+                      vocab_rules="llama", checks=("smollm3_no_rope",)),
     ),
 }
 

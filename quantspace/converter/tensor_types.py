@@ -92,6 +92,8 @@ def role(name: str) -> str:
         return "output"
     if name == "token_embd.weight":
         return "token_embd"
+    if ".attn_qkv.weight" in name:
+        return "attn_v"   # a fused q/k/v (Phi-3) gets the value projection's rules (measured on Q4_K_M)
     for part in ("attn_v", "attn_k", "attn_q", "attn_output"):
         if f".{part}.weight" in name:
             return part
@@ -174,9 +176,10 @@ def file_bytes(tensors: Tensors, types: dict[str, Q], kv_bytes: int) -> int:
 
 def f16_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> Tensors:
     """GGUF name → (shape, type) of the F16 file convert() would write: the converter's own plan."""
-    _, spec = arch_of(config)
-    entries = [TensorEntry(name, "F16", tuple(shape), Path(), 0, 0) for name, shape in shapes.items()]
-    return {p.name: (tuple(p.shape), Q[p.out]) for p in plan(entries, spec, HParams.from_config(config), "F16")}
+    hp = HParams.from_config(config)
+    assert hp.spec is not None
+    entries = [TensorEntry(name, "F16", tuple(shape), Path(), 0, 2 * math.prod(shape)) for name, shape in shapes.items()]
+    return {p.name: (tuple(p.shape), Q[p.out]) for p in plan(entries, hp.spec, hp, "F16")}
 
 
 def model_facts(config: dict[str, Any]) -> ModelFacts:

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 import gguf
 
 from ..converter import llama_cpp as lcpp_convert
-from ..archs import arch_of
 from ..archs import load_config
 from ..converter.streaming import HParams, convert
 from ..errors import QuantizeError, UnsupportedArchitectureError
@@ -112,11 +111,10 @@ def converter_for(config: dict[str, Any]) -> str:
         lcpp_convert.check_mmproj(config)
         return LLAMA_CPP
     try:
-        arch_of(config)
+        HParams.from_config(config)   # the family, and any setting ours does not reproduce (e.g. YaRN RoPE)
     except UnsupportedArchitectureError:
         lcpp_convert.check(config)
         return LLAMA_CPP
-    HParams.from_config(config)   # ours refuses what it cannot reproduce (e.g. YaRN RoPE) with a clear line
     return OURS
 
 
