@@ -1,5 +1,5 @@
 """GGUF through llama.cpp's own converter (convert_hf_to_gguf.py of the llama.cpp we quantize with) for the
-architectures ours does not have: a tiny Gemma 3 converts, quantizes, loads in llama.cpp and matches
+architectures ours does not have: a tiny Gemma 4 (text) converts, quantizes, loads in llama.cpp and matches
 transformers; failures are one line; the converter is taken from llama-cpp-python's source distribution."""
 
 from __future__ import annotations
@@ -18,22 +18,22 @@ from tests.test_pipeline import llama_generate
 
 
 @pytest.fixture(scope="module")
-def tiny_gemma3():
+def tiny_gemma4():
     from tests.conftest import _tiny
 
-    return _tiny("tiny-gemma3", "spm", "gemma3")
+    return _tiny("tiny-gemma4", "gemma", "gemma4")
 
 
-def test_gemma3_converts_with_llama_cpps_converter_and_matches_transformers(tiny_gemma3, tmp_path):
+def test_gemma4_converts_with_llama_cpps_converter_and_matches_transformers(tiny_gemma4, tmp_path):
     from quantspace import quantize
 
-    pre = preflight(str(tiny_gemma3), "gguf", ["Q4_K_M", "Q8_0"], evaluate=True)
+    pre = preflight(str(tiny_gemma4), "gguf", ["Q4_K_M", "Q8_0"], evaluate=True)
     assert pre.ok, pre.problems
     assert any("Converted by llama.cpp's convert_hf_to_gguf.py" in c for c in pre.checks), pre.checks
     out = tmp_path / "out"
-    report = quantize(str(tiny_gemma3), variants="Q4_K_M,Q8_0", out=out, ctx=64, max_chunks=2)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "quantspace.json", "tiny-gemma3-Q4_K_M.gguf",
-                                                     "tiny-gemma3-Q8_0.gguf"]
+    report = quantize(str(tiny_gemma4), variants="Q4_K_M,Q8_0", out=out, ctx=64, max_chunks=2)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "quantspace.json", "tiny-gemma4-Q4_K_M.gguf",
+                                                     "tiny-gemma4-Q8_0.gguf"]
     by = {f.variant: f for f in report.files}
     # 8-bit llama.cpp against transformers in fp32: the same model, so nearly the same distribution.
     assert by["Q8_0"].metrics["kld_mean"] < 0.01 and by["Q8_0"].metrics["top1_agreement"] > 0.9
@@ -41,7 +41,7 @@ def test_gemma3_converts_with_llama_cpps_converter_and_matches_transformers(tiny
     for f in report.files:
         assert f.details["converter"] == "llama.cpp's convert_hf_to_gguf.py"
         assert abs(pre.sizes[f.variant] - f.size_bytes) / f.size_bytes < 0.03, (f.variant, pre.sizes, f.size_bytes)
-    assert llama_generate(out / "tiny-gemma3-Q4_K_M.gguf")
+    assert llama_generate(out / "tiny-gemma4-Q4_K_M.gguf")
     assert "was made by llama.cpp's convert_hf_to_gguf.py" in (out / "README.md").read_text()
 
 
