@@ -15,7 +15,7 @@ from typing import Any
 
 import gguf
 
-from .awq.layers import Group, LayerSpec
+from .awq.layers import Experts, Group, LayerSpec
 from .errors import MissingFileError, UnsupportedArchitectureError
 
 
@@ -57,6 +57,68 @@ AWQ_LLAMA = LayerSpec(
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
+# Qwen3 and SmolLM3 are Llama's table: Qwen3's q/k norms act on q_proj/k_proj outputs, which input scales leave
+# unchanged (they stay fp16 like every norm); SmolLM3's layers without RoPE change nothing here either.
+
+# Gemma 3: four norms per layer. input_layernorm feeds q/k/v, pre_feedforward_layernorm feeds gate/up; the
+# post-attention and post-feedforward norms act on outputs and precede no linear. Norms compute (1 + w) · x̂.
+AWQ_GEMMA3 = LayerSpec(
+    layers_path="model.layers",
+    groups=(
+        Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True),
+        Group("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    ),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+    norm_offset=1.0,
+    scaled_embeddings=True,
+)
+
+# Phi-3 / Phi-4: fused qkv_proj (rows q, k, v) and gate_up_proj (rows gate, up: Phi3MLP chunks gate first).
+# o_proj's scales go into v's rows only without grouped-query attention (q, k, v of equal height).
+AWQ_PHI3 = LayerSpec(
+    layers_path="model.layers",
+    groups=(
+        Group("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+        Group("self_attn.qkv_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True,
+              fused_parts=3),
+        Group("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+        Group("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj", fused_parts=2),
+    ),
+    no_clip=("self_attn.qkv_proj",),
+)
+
+
+def _awq_moe(experts: Experts, router: str, block: str, **extra: Any) -> LayerSpec:
+    """Mixture of experts (transformers writes Qwen3-MoE's num_experts as num_local_experts): the post-attention norm feeds the router and every expert's gate/up (one scale
+    search over the whole block); the router stays 16-bit with the scales multiplied into its input columns.
+    Each expert's down reads its own up."""
+    e = f"{experts.path}.{{e}}."
+    return LayerSpec(
+        layers_path="model.layers",
+        groups=(
+            Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+            Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True),
+            Group("post_attention_layernorm", (e + experts.gate, e + experts.up), block, input=block,
+                  compensate=(router,)),
+            Group(e + experts.up, (e + experts.down,), e + experts.down),
+        ),
+        no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+        experts=experts,
+        **extra,
+    )
+
+
+AWQ_QWEN3_MOE = _awq_moe(Experts("mlp.experts", ("num_experts", "num_local_experts"), "gate_proj", "up_proj", "down_proj"),
+                         router="mlp.gate", block="mlp",
+                         not_converted=("lm_head", "mlp.gate"))   # "gate" alone would match every gate_proj
+# transformers calls Mixtral's block_sparse_moe "mlp"; the checkpoint (and vLLM) keep the old name.
+AWQ_MIXTRAL = _awq_moe(Experts("mlp.experts", ("num_local_experts",), "w1", "w3", "w2"),
+                       router="mlp.gate", block="mlp",
+                       not_converted=("lm_head", "block_sparse_moe.gate", "mlp.gate"),
+                       renames=(("mlp.", "block_sparse_moe."),))
+
 # --- the registry ---
 
 FAMILIES: dict[str, Family] = {
@@ -71,6 +133,30 @@ FAMILIES: dict[str, Family] = {
     "Qwen2ForCausalLM": Family(
         gguf=GGUFSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
         awq=AWQ_LLAMA,   # q/k/v biases are divided with the weights' rows where they precede a group
+    ),
+    "Qwen3ForCausalLM": Family(
+        gguf=None,
+        awq=AWQ_LLAMA,
+    ),
+    "Gemma3ForCausalLM": Family(
+        gguf=None,
+        awq=AWQ_GEMMA3,
+    ),
+    "Phi3ForCausalLM": Family(
+        gguf=None,
+        awq=AWQ_PHI3,
+    ),
+    "SmolLM3ForCausalLM": Family(
+        gguf=None,
+        awq=AWQ_LLAMA,
+    ),
+    "Qwen3MoeForCausalLM": Family(
+        gguf=None,
+        awq=AWQ_QWEN3_MOE,
+    ),
+    "MixtralForCausalLM": Family(
+        gguf=None,
+        awq=AWQ_MIXTRAL,
     ),
 }
 
