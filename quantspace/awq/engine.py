@@ -183,23 +183,25 @@ def _capture_inputs(layer: nn.Module, names: list[str], x: torch.Tensor, run: _R
     return {n: torch.cat(parts) for n, parts in seen.items() if parts}
 
 
-def _modules(layer: nn.Module, names: tuple[str, ...], index: int) -> list[nn.Module]:
-    try:
-        return [layer.get_submodule(n) for n in names]
-    except AttributeError:
-        raise UnsupportedArchitectureError(
-            f"Layer {index} has no {', '.join(names)}: AWQ supports this family only when every layer has the "
-            "same structure (for mixture-of-experts models: every layer a mixture of experts).") from None
+def _check_layers(layers: nn.ModuleList, groups: tuple[Group, ...]) -> None:
+    """Every layer has every module of the table (on the meta skeleton: before any work)."""
+    for i, layer in enumerate(layers):
+        for grp in groups:
+            for name in (grp.prev, *grp.linears, grp.inspect, *grp.compensate):
+                try:
+                    layer.get_submodule(name)
+                except AttributeError:
+                    raise UnsupportedArchitectureError(
+                        f"Layer {i} has no {name}: AWQ supports this family only when every layer has the same "
+                        "structure (mixture-of-experts models: every layer a mixture of experts).") from None
 
 
 def quantize_layer(layer: nn.Module, spec: LayerSpec, groups: tuple[Group, ...], x: torch.Tensor, run: _Runner,
-                   settings: Settings, index: int = 0) -> dict[str, torch.Tensor]:
+                   settings: Settings) -> dict[str, torch.Tensor]:
     """Search, fold, clip and quantize one decoder layer in place (its linears become dequantized weights);
     returns the packed AWQ tensors by name inside the layer (module paths; `spec.stored` gives the
     checkpoint's). `groups`: spec.expand(config)."""
     g = settings.group_size
-    for grp in groups:
-        _modules(layer, (grp.prev, *grp.linears, grp.inspect, *grp.compensate), index)
     feats = _capture_inputs(layer, list(dict.fromkeys(grp.source for grp in groups)), x, run)
     plans = []
     for grp in groups:     # every search sees the unscaled layer, as AWQ
@@ -282,6 +284,7 @@ def run(model_dir: Path, state_dir: Path, budget_s: float | None = None,
     pe_of = _position_embeddings(model, spec, x, settings.seqlen)
     runner = _Runner(None, settings.chunk_tokens)
     layers = model.get_submodule(spec.layers_path)
+    _check_layers(layers, groups)
     slowest = 0.0
     i = first
     while i < n_layers:
@@ -291,7 +294,7 @@ def run(model_dir: Path, state_dir: Path, budget_s: float | None = None,
         t0 = time.monotonic()
         layer = _materialise(layers[i], f"{spec.layers_path}.{i}.", spec, src, dev, dtype)
         runner.pe = pe_of(i)
-        packed = {spec.stored(k): v for k, v in quantize_layer(layer, spec, groups, x, runner, settings, i).items()}
+        packed = {spec.stored(k): v for k, v in quantize_layer(layer, spec, groups, x, runner, settings).items()}
         x = runner(layer, x)   # the quantized layer's output is the next layer's input
         tmp = layer_file(state_dir, i).with_suffix(".tmp")
         save_file(packed, str(tmp))

@@ -56,7 +56,10 @@ def _linear(w: torch.Tensor) -> nn.Linear:
 
 def unfuse(layer: nn.Module, names: Experts) -> None:
     """Replace the layer's fused experts (meta or loaded) by PerExpert with the same weights."""
-    fused = layer.get_submodule(names.path)
+    try:
+        fused = layer.get_submodule(names.path)
+    except AttributeError:   # a dense layer: the engine refuses such models with the reason
+        return
     if isinstance(fused, PerExpert):
         return
     gate_up, down = fused.gate_up_proj, fused.down_proj
