@@ -15,7 +15,7 @@ from typing import Any
 
 import gguf
 
-from .awq.layers import Group, LayerSpec
+from .awq.layers import Experts, Group, LayerSpec
 from .errors import MissingFileError, UnsupportedArchitectureError
 
 
@@ -73,6 +73,69 @@ AWQ_LLAMA = LayerSpec(
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
+# Qwen3 and SmolLM3 are Llama's table: Qwen3's q/k norms act on q_proj/k_proj outputs, which input scales leave
+# unchanged (they stay fp16 like every norm); SmolLM3's layers without RoPE change nothing here either.
+
+# Gemma 3: four norms per layer. input_layernorm feeds q/k/v, pre_feedforward_layernorm feeds gate/up; the
+# post-attention and post-feedforward norms act on outputs and precede no linear. Norms compute (1 + w) · x̂.
+AWQ_GEMMA3 = LayerSpec(
+    layers_path="model.layers",
+    groups=(
+        Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True),
+        Group("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    ),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+    norm_offset=1.0,
+    scaled_embeddings=True,
+)
+
+# Phi-3 / Phi-4: fused qkv_proj (rows q, k, v) and gate_up_proj (rows gate, up: Phi3MLP chunks gate first).
+# o_proj's scales go into v's rows only without grouped-query attention (q, k, v of equal height).
+AWQ_PHI3 = LayerSpec(
+    layers_path="model.layers",
+    groups=(
+        Group("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+        Group("self_attn.qkv_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True,
+              fused_parts=3),
+        Group("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+        Group("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj", fused_parts=2),
+    ),
+    no_clip=("self_attn.qkv_proj",),
+)
+
+
+def _awq_moe(experts: Experts, router: str, block: str, **extra: Any) -> LayerSpec:
+    """Mixture of experts (transformers writes Qwen3-MoE's num_experts as num_local_experts): the post-attention
+    norm feeds the router and every expert's gate/up (one scale search over the whole block); the router stays
+    16-bit with the scales multiplied into its input columns. Each expert's down reads its own up."""
+    e = f"{experts.path}.{{e}}."
+    return LayerSpec(
+        layers_path="model.layers",
+        groups=(
+            Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+            Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True),
+            Group("post_attention_layernorm", (e + experts.gate, e + experts.up), block, input=block,
+                  compensate=(router,)),
+            Group(e + experts.up, (e + experts.down,), e + experts.down),
+        ),
+        no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+        experts=experts,
+        **extra,
+    )
+
+
+AWQ_QWEN3_MOE = _awq_moe(Experts("mlp.experts", ("num_experts", "num_local_experts"), "gate_proj", "up_proj",
+                                 "down_proj"),
+                         router="mlp.gate", block="mlp",
+                         not_converted=("lm_head", "mlp.gate"))   # "gate" alone would match every gate_proj
+# transformers calls Mixtral's block_sparse_moe "mlp"; the checkpoint (and vLLM) keep the old name.
+AWQ_MIXTRAL = _awq_moe(Experts("mlp.experts", ("num_local_experts",), "w1", "w3", "w2"),
+                       router="mlp.gate", block="mlp",
+                       not_converted=("lm_head", "block_sparse_moe.gate", "mlp.gate"),
+                       renames=(("mlp.", "block_sparse_moe."),))
+
 # llama.cpp's LlamaModel adds these to the shared keys (LLAMA and families derived from it).
 LLAMA_KEYS = ("vocab_size", "rope_dimension_count")
 
@@ -93,18 +156,30 @@ FAMILIES: dict[str, Family] = {
     ),
     "Qwen3ForCausalLM": Family(
         gguf=GGUFSpec(gguf.MODEL_ARCH.QWEN3, permute_qk=False, checks=("no_pooling", "not_reranker")),
+        awq=AWQ_LLAMA,
     ),
     "Gemma3ForCausalLM": Family(
-        gguf=GGUFSpec(gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_shift=1.0, trim_embedding=True, vocab_rules="gemma3",
-                      extra_keys=("gemma3",), checks=("gemma3_attention",)),
+        gguf=GGUFSpec(gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_shift=1.0, trim_embedding=True,
+                      vocab_rules="gemma3", extra_keys=("gemma3",), checks=("gemma3_attention",)),
+        awq=AWQ_GEMMA3,
     ),
     "Phi3ForCausalLM": Family(   # Phi-3 and Phi-4
         gguf=GGUFSpec(gguf.MODEL_ARCH.PHI3, permute_qk=False, own_keys=True, extra_keys=("phi3",),
                       spm_reader="phi3", checks=("no_long_rope",)),
+        awq=AWQ_PHI3,
     ),
     "SmolLM3ForCausalLM": Family(
         gguf=GGUFSpec(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, extra_keys=LLAMA_KEYS,
                       vocab_rules="llama", checks=("smollm3_no_rope",)),
+        awq=AWQ_LLAMA,
+    ),
+    "Qwen3MoeForCausalLM": Family(
+        gguf=None,   # llama.cpp's converter
+        awq=AWQ_QWEN3_MOE,
+    ),
+    "MixtralForCausalLM": Family(
+        gguf=None,   # llama.cpp's converter
+        awq=AWQ_MIXTRAL,
     ),
 }
 

@@ -163,16 +163,20 @@ def _load_with_transformers(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32).eval()
 
 
-def _check_transformers_matches_dequantized(folder: Path, ids: list[int], rel: float, new_tokens: int) -> None:
+def _check_transformers_matches_dequantized(folder: Path, ids: list[int], rel: float, new_tokens: int,
+                                            probe: str = "self_attn.q_proj") -> None:
     """transformers (AWQ kernels via gptqmodel) gives our dequantized model's logits, and generates the same."""
     loaded, ours = _load_with_transformers(folder), dequantized_model(folder)
-    q_proj = loaded.model.layers[0].self_attn.q_proj
-    assert "Awq" in type(q_proj).__name__ and q_proj.qweight.dtype == torch.int32   # really the AWQ path
+    linear = loaded.model.layers[0].get_submodule(probe)
+    assert "Awq" in type(linear).__name__ and linear.qweight.dtype == torch.int32   # really the AWQ path
     x = torch.tensor([ids])
     with torch.no_grad():
         a, b = loaded(x).logits.float(), ours(x).logits
-        assert (a - b).abs().max().item() < rel * b.abs().max().item()
-        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        tol = rel * b.abs().max().item()
+        assert (a - b).abs().max().item() < tol
+        top2 = b.topk(2, dim=-1).values
+        clear = top2[..., 0] - top2[..., 1] > 2 * tol   # a near-tie may go either way within tol
+        assert clear.float().mean() > 0.9 and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
         n = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         gen = loaded.generate(x, **n)
         assert gen.shape[1] == x.shape[1] + new_tokens and torch.equal(gen, ours.generate(x, **n))

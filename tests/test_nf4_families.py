@@ -46,11 +46,19 @@ def test_nf4_quantizes_measures_and_trains_every_family(tiny_family, tmp_path):
     assert "target_modules=[" + ", ".join(f'"{t}"' for t in TARGETS[arch]) + "]" in card
 
 
-def test_awq_without_the_family_says_so_before_anything_runs(tiny_family):
+def test_awq_preflight_takes_every_family_with_a_layer_table(tiny_family):
     arch, folder = tiny_family
     pre = preflight(str(folder), "awq", evaluate=False)
-    assert not pre.ok and len(pre.problems) == 1 and "AWQ does not support" in pre.problems[0], pre.problems
-    assert pre.sizes == {}
+    assert pre.ok and pre.sizes.get("W4G128", 0) > 0, pre.problems
+
+
+def test_awq_without_a_layer_table_says_so_before_anything_runs():
+    from tests.conftest import _tiny
+
+    pre = preflight(str(_tiny("tiny-stablelm", "bpe", "stablelm")), "awq", evaluate=False)
+    assert not pre.ok and len(pre.problems) == 1, pre.problems
+    assert "AWQ does not support StableLmForCausalLM yet (supported: " in pre.problems[0]
+    assert "Qwen3MoeForCausalLM" in pre.problems[0] and pre.sizes == {}
 
 
 def test_not_a_causal_lm_and_remote_code_are_refused(tiny_bpe, tmp_path):

@@ -14,6 +14,7 @@ from ..weights import F16_MAX
 from ..archs import load_config
 from .engine import SourceTensors, layer_file, load_settings
 from .layers import LayerSpec, spec_for
+from .moe import unfuse_model
 from .pack import fake_quantize, unpack_linear
 
 MAX_SHARD_BYTES = 4 * 1024**3
@@ -133,17 +134,21 @@ def dequantized_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _plain_model(config: dict[str, Any]) -> Any:
+def _plain_model(config: dict[str, Any], spec: LayerSpec) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("quantization_config",)})
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return unfuse_model(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), spec.layers_path, spec.experts)
 
 
 def dequantized_model(ckpt_dir: Path) -> Any:
-    """A float32 transformers model whose weights are exactly what the AWQ checkpoint stores, dequantized."""
-    model = _plain_model(load_config(ckpt_dir))
-    missing, unexpected = model.load_state_dict(dequantized_state(ckpt_dir), strict=False)
+    """A float32 transformers model whose weights are exactly what the AWQ checkpoint stores, dequantized (mixture
+    of experts: one linear per expert, the same function as transformers' fused experts)."""
+    config = load_config(ckpt_dir)
+    spec = spec_for(config)
+    model = _plain_model(config, spec)
+    state = {spec.module_name(k): v for k, v in dequantized_state(ckpt_dir).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -158,12 +163,14 @@ def rtn_model(model_dir: Path, group_size: int) -> Any:
     config = load_config(model_dir)
     spec = spec_for(config)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    unfuse_model(model, spec.layers_path, spec.experts)
+    linears = [name for grp in spec.expand(config) for name in grp.linears]
     with torch.no_grad():
         for p in model.parameters():      # everything else is fp16 in the AWQ checkpoint too
             p.copy_(_fp16(p).float())
         layers = model.get_submodule(spec.layers_path)
         for layer in layers:
-            for name in spec.linears:
+            for name in linears:
                 lin = layer.get_submodule(name)
                 lin.weight.copy_(fake_quantize(lin.weight, group_size))
     return model.eval()

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from ..archs import load_config
-from ..errors import CorruptWeightsError
+from ..errors import CorruptWeightsError, UnsupportedArchitectureError
 from ..weights import weight_files
-from .layers import LayerSpec, spec_for
+from .layers import Group, LayerSpec, spec_for
+from .moe import unfuse_model
 from .pack import dequantize, pack_linear, quantize
 from .search import apply_clip, fold_scale, search_clip, search_scale
 
@@ -124,19 +125,21 @@ class SourceTensors:
         return [n for n in self.where if n.startswith(prefix)]
 
 
-def _skeleton(config: dict[str, Any]) -> nn.Module:
-    """The CausalLM on the meta device (no memory), with SDPA attention (causal without a mask)."""
+def _skeleton(config: dict[str, Any], spec: LayerSpec) -> nn.Module:
+    """The CausalLM on the meta device (no memory), with SDPA attention (causal without a mask) and one linear
+    per expert where transformers fuses them."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    return unfuse_model(model.eval(), spec.layers_path, spec.experts)
 
 
-def _materialise(layer: nn.Module, prefix: str, src: SourceTensors, device: torch.device,
+def _materialise(layer: nn.Module, prefix: str, spec: LayerSpec, src: SourceTensors, device: torch.device,
                  dtype: torch.dtype) -> nn.Module:
     """The meta-device layer with its tensors read from the source, on the device."""
-    state = {name: src.get(prefix + name).to(device, dtype) for name in layer.state_dict()}
+    state = {name: src.get(prefix + spec.stored(name)).to(device, dtype) for name in layer.state_dict()}
     layer.load_state_dict(state, assign=True)
     return layer
 
@@ -145,7 +148,7 @@ def _materialise(layer: nn.Module, prefix: str, src: SourceTensors, device: torc
 
 
 def _chunks(x: torch.Tensor, tokens: int) -> Iterator[torch.Tensor]:
-    per = max(1, tokens // x.shape[1])
+    per = max(1, tokens // x.shape[1]) if x.dim() == 3 else tokens   # [samples, seqlen, width] or [tokens, width]
     for lo in range(0, x.shape[0], per):
         yield x[lo:lo + per]
 
@@ -153,8 +156,8 @@ def _chunks(x: torch.Tensor, tokens: int) -> Iterator[torch.Tensor]:
 class _Runner:
     """Runs modules of the current layer over activations [samples, seqlen, width] in bounded chunks."""
 
-    def __init__(self, position_embeddings: tuple[torch.Tensor, torch.Tensor], chunk_tokens: int):
-        self.pe = position_embeddings
+    def __init__(self, position_embeddings: Any, chunk_tokens: int):
+        self.pe = position_embeddings   # of the current layer (they differ by layer type in Gemma 3)
         self.chunk_tokens = chunk_tokens
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +171,7 @@ class _Runner:
 
 
 def _capture_inputs(layer: nn.Module, names: list[str], x: torch.Tensor, run: _Runner) -> dict[str, torch.Tensor]:
-    """The inputs each named linear sees when the layer runs over x."""
+    """The inputs each named module sees when the layer runs over x (an expert that no token reached: none)."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = [layer.get_submodule(n).register_forward_hook(
         lambda mod, args, out, n=n: seen[n].append(args[0].detach())) for n in names]
@@ -177,34 +180,50 @@ def _capture_inputs(layer: nn.Module, names: list[str], x: torch.Tensor, run: _R
     finally:
         for h in hooks:
             h.remove()
-    return {n: torch.cat(parts) for n, parts in seen.items()}
+    return {n: torch.cat(parts) for n, parts in seen.items() if parts}
 
 
-def quantize_layer(layer: nn.Module, spec: LayerSpec, x: torch.Tensor, run: _Runner,
+def _check_layers(layers: nn.ModuleList, groups: tuple[Group, ...]) -> None:
+    """Every layer has every module of the table (on the meta skeleton: before any work)."""
+    for i, layer in enumerate(layers):
+        for grp in groups:
+            for name in (grp.prev, *grp.linears, grp.inspect, *grp.compensate):
+                try:
+                    layer.get_submodule(name)
+                except AttributeError:
+                    raise UnsupportedArchitectureError(
+                        f"Layer {i} has no {name}: AWQ supports this family only when every layer has the same "
+                        "structure (mixture-of-experts models: every layer a mixture of experts).") from None
+
+
+def quantize_layer(layer: nn.Module, spec: LayerSpec, groups: tuple[Group, ...], x: torch.Tensor, run: _Runner,
                    settings: Settings) -> dict[str, torch.Tensor]:
     """Search, fold, clip and quantize one decoder layer in place (its linears become dequantized weights);
-    returns the packed AWQ tensors by name inside the layer."""
+    returns the packed AWQ tensors by name inside the layer (module paths; `spec.stored` gives the
+    checkpoint's). `groups`: spec.expand(config)."""
     g = settings.group_size
-    feats = _capture_inputs(layer, [grp.linears[0] for grp in spec.groups], x, run)
+    feats = _capture_inputs(layer, list(dict.fromkeys(grp.source for grp in groups)), x, run)
     plans = []
-    for grp in spec.groups:     # every search sees the unscaled layer, as AWQ
+    for grp in groups:     # every search sees the unscaled layer, as AWQ
         prev = layer.get_submodule(grp.prev)
         linears = [layer.get_submodule(n) for n in grp.linears]
-        if grp.when_shapes_match and prev.weight.shape[0] != linears[0].weight.shape[1]:
+        if grp.when_shapes_match and prev.weight.shape[0] != grp.fused_parts * linears[0].weight.shape[1]:
+            continue
+        if grp.source not in feats:   # an expert no calibration token reached: plain round-to-nearest
             continue
         module = layer.get_submodule(grp.inspect)
-        s = search_scale(linears, feats[grp.linears[0]], lambda a, m=module: run(m, a), g, settings.n_grid)
-        plans.append((grp, prev, linears, s))
-    for grp, prev, linears, s in plans:
-        fold_scale(prev, linears, s)
-        feats[grp.linears[0]] = feats[grp.linears[0]] / s.to(x.dtype)
+        s = search_scale(linears, feats[grp.source], lambda a, m=module: run(m, a), g, settings.n_grid)
+        plans.append((grp, prev, linears + [layer.get_submodule(n) for n in grp.compensate], s))
+    for grp, prev, readers, s in plans:
+        fold_scale(prev, readers, s, spec.norm_offset)
+        feats[grp.source] = feats[grp.source] / s.to(x.dtype)
     packed: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for grp in spec.groups:
+        for grp in groups:
             for name in grp.linears:
                 lin = layer.get_submodule(name)
-                if name not in spec.no_clip:
-                    apply_clip(lin, search_clip(lin.weight, feats[grp.linears[0]], g, settings.n_grid,
+                if name not in spec.no_clip and grp.source in feats:
+                    apply_clip(lin, search_clip(lin.weight, feats[grp.source], g, settings.n_grid,
                                                 n_tokens=settings.clip_tokens))
                 q, z, s = quantize(lin.weight, g)
                 for suffix, t in pack_linear(q, z, s).items():
@@ -212,11 +231,24 @@ def quantize_layer(layer: nn.Module, spec: LayerSpec, x: torch.Tensor, run: _Run
                 lin.weight.copy_(dequantize(q, z, s, lin.weight.dtype))
                 if lin.bias is not None:
                     packed[f"{name}.bias"] = lin.bias.detach().half().cpu()
-    quantized = set(spec.linears)
+    quantized = {name for grp in groups for name in grp.linears}
     for name, p in layer.named_parameters():   # norms (with the folded scales) stay fp16
         if name.rpartition(".")[0] not in quantized:
             packed[name] = p.detach().half().cpu()
     return packed
+
+
+def _position_embeddings(model: nn.Module, spec: LayerSpec, x: torch.Tensor,
+                         seqlen: int) -> Callable[[int], Any]:
+    """Layer index → that layer's position embeddings (per layer type where the rotary module takes one)."""
+    rotary = type(model.get_submodule(spec.rotary))(model.config).to(x.device)   # buffers are computed, not stored
+    positions = torch.arange(seqlen, device=x.device).unsqueeze(0)
+    if "layer_type" not in inspect.signature(rotary.forward).parameters:
+        pe = rotary(x[:1], positions)
+        return lambda i: pe
+    types = list(model.config.layer_types)
+    by_type = {t: rotary(x[:1], positions, layer_type=t) for t in set(types)}
+    return lambda i: by_type[types[i]]
 
 
 def run(model_dir: Path, state_dir: Path, budget_s: float | None = None,
@@ -238,16 +270,21 @@ def run(model_dir: Path, state_dir: Path, budget_s: float | None = None,
         return True
     dev, dtype = torch.device(settings.device), settings.dtype
     src = SourceTensors(model_dir)
-    model = _skeleton(config)
+    model = _skeleton(config, spec)
+    groups = spec.expand(config)
     if first == 0:
         tokens = torch.load(state_dir / "tokens.pt")
-        x = nn.functional.embedding(tokens, src.get(spec.embeddings)).to(dev, dtype)
+        table = src.get(spec.embeddings)
+        x = nn.functional.embedding(tokens, table)
+        if spec.scaled_embeddings:   # as transformers: the scale in the table's dtype
+            x = x * torch.tensor(float(config["hidden_size"]) ** 0.5, dtype=table.dtype)
+        x = x.to(dev, dtype)
     else:
         x = torch.load(_hidden_file(state_dir, first), map_location=dev)
-    rotary = type(model.get_submodule(spec.rotary))(model.config).to(dev)   # its buffers are computed, not stored
-    positions = torch.arange(settings.seqlen, device=dev).unsqueeze(0)
-    runner = _Runner(rotary(x[:1], positions), settings.chunk_tokens)
+    pe_of = _position_embeddings(model, spec, x, settings.seqlen)
+    runner = _Runner(None, settings.chunk_tokens)
     layers = model.get_submodule(spec.layers_path)
+    _check_layers(layers, groups)
     slowest = 0.0
     i = first
     while i < n_layers:
@@ -255,8 +292,9 @@ def run(model_dir: Path, state_dir: Path, budget_s: float | None = None,
         if budget_s is not None and i > first and spent + slowest * 1.2 > budget_s:
             break
         t0 = time.monotonic()
-        layer = _materialise(layers[i], f"{spec.layers_path}.{i}.", src, dev, dtype)
-        packed = quantize_layer(layer, spec, x, runner, settings)
+        layer = _materialise(layers[i], f"{spec.layers_path}.{i}.", spec, src, dev, dtype)
+        runner.pe = pe_of(i)
+        packed = {spec.stored(k): v for k, v in quantize_layer(layer, spec, groups, x, runner, settings).items()}
         x = runner(layer, x)   # the quantized layer's output is the next layer's input
         tmp = layer_file(state_dir, i).with_suffix(".tmp")
         save_file(packed, str(tmp))

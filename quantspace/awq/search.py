@@ -101,16 +101,21 @@ def apply_clip(lin: nn.Linear, max_val: torch.Tensor) -> None:
     w.copy_(torch.maximum(torch.minimum(w, m), -m))
 
 
-def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """Divide s out of what produces the input (norm weight, or a linear's last rows) and into the linears."""
+def fold_scale(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Divide s out of what produces the input (norm weight, or a linear's last rows) and into the modules that
+    read it (their weight's input columns).
+
+    A norm computing (offset + w) · x̂ gets w' = (offset + w) / s − offset, so that offset + w' = (offset + w) / s.
+    """
     with torch.no_grad():
         if isinstance(prev, nn.Linear):
             n = s.numel()
             prev.weight[-n:].div_(s.view(-1, 1).to(prev.weight.dtype))
             if prev.bias is not None:
                 prev.bias[-n:].div_(s.to(prev.bias.dtype))
-        else:   # RMSNorm / LayerNorm: y = w * norm(x) (+ b)
-            prev.weight.div_(s.to(prev.weight.dtype))
+        else:   # RMSNorm / LayerNorm: y = (offset + w) * norm(x) (+ b)
+            w = prev.weight
+            w.copy_(((w.float() + norm_offset) / s.float() - norm_offset).to(w.dtype))
             if getattr(prev, "bias", None) is not None:
                 prev.bias.div_(s.to(prev.bias.dtype))
         for lin in linears:

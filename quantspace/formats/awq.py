@@ -179,8 +179,10 @@ class AWQ:
 
 
 def config_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """(out, in) of a Llama-family decoder layer's linears, from config.json alone (before any download)."""
-    hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+    """(out, in) of a decoder layer's linears, from config.json alone (before any download). Fused q/k/v and
+    gate/up fit whenever their parts do; experts are moe_intermediate_size wide where the config has it."""
+    hidden = int(config["hidden_size"])
+    inter = int(config.get("moe_intermediate_size") or config["intermediate_size"])
     heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or hidden // heads)
     kv = int(config.get("num_key_value_heads") or heads) * head_dim
@@ -194,7 +196,7 @@ def check_shapes(model_dir: Path, config: dict[str, Any], group: int) -> None:
     from ..awq.layers import quantized_tensor_names, spec_for
     from ..weights import all_entries
 
-    names = set(quantized_tensor_names(spec_for(config), int(config["num_hidden_layers"])))
+    names = set(quantized_tensor_names(spec_for(config), config))
     refuse_misfit({e.name: e.shape for e in all_entries(model_dir) if e.name in names}, group)
 
 
