@@ -20,7 +20,7 @@ from .errors import MissingFileError, UnsupportedArchitectureError
 
 
 # NF4's LoRA targets are the checkpoint's own decoder linears, listed in the order people write them.
-LORA_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj",
+LORA_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
               "down_proj")
 
 

@@ -13,7 +13,7 @@ from quantspace.preflight import preflight
 
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"qwen3": LLAMA_LIKE, "gemma3": LLAMA_LIKE, "smollm3": LLAMA_LIKE,
-           "phi3": ["o_proj", "down_proj", "gate_up_proj", "qkv_proj"]}
+           "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 
 
 def test_nf4_quantizes_measures_and_trains_every_family(tiny_family, tmp_path):
