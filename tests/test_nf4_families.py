@@ -78,6 +78,12 @@ def test_not_a_causal_lm_and_remote_code_are_refused(tiny_bpe, tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="is multimodal and neither"):
         causal_lm({"model_type": "my_vlm", "architectures": ["MyVLM"], "vision_config": {},
                    "auto_map": {"AutoModel": "x.MyVLM"}})
+    # A mixture of experts: bitsandbytes would leave the fused experts (most of the weights) 16-bit.
+    from tests.conftest import _tiny
+
+    pre = preflight(str(_tiny("tiny-qwen3_moe", "bpe", "qwen3_moe")), "nf4", evaluate=False)
+    assert not pre.ok and "Qwen3MoeForCausalLM is a mixture of experts" in pre.problems[0], pre.problems
+    assert "GGUF quantizes every expert" in pre.problems[0]
     folder = tmp_path / "t5"
     shutil.copytree(tiny_bpe, folder)
     cfg = json.loads((folder / "config.json").read_text())

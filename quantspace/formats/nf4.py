@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ..archs import LORA_ORDER
 from ..archs import load_config
 from ..errors import BadOptionError, QuantizeError, UnsupportedArchitectureError
-from ..multimodal import (PROCESSOR_FILES, auto_class_name, is_multimodal, load_lm, tower_of, tower_patterns,
-                          towers)
+from ..multimodal import (PROCESSOR_FILES, auto_class_name, is_multimodal, load_lm, text_config, tower_of,
+                          tower_patterns, towers)
 from ..qlora import LORA_RANK, qlora_check
 from ..report import format_size
 from . import Context, Option, Output, TensorStats, Tick, copy_source_files, pick_variants, run_directly
@@ -315,6 +315,10 @@ def lora_targets(report: "Report") -> list[str]:
     return list(q["target_modules"] if q else details.get("lora_targets") or [])
 
 
+# config.json keys giving a mixture of experts' expert count.
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
 def causal_lm(config: dict[str, Any]) -> str:
     """The transformers class AutoModelForCausalLM (or, for a multimodal model, AutoModelForImageTextToText)
     makes of this config (never remote code), or UnsupportedArchitectureError saying why not."""
@@ -323,6 +327,11 @@ def causal_lm(config: dict[str, Any]) -> str:
 
     model_type = config.get("model_type")
     shown = ", ".join(config.get("architectures") or []) or f"model_type={model_type}"
+    if any(int(text_config(config).get(key) or 0) > 1 for key in EXPERT_COUNT_KEYS):
+        raise UnsupportedArchitectureError(
+            f"{shown} is a mixture of experts: transformers {transformers.__version__} holds its experts as fused "
+            "3-D tensors, which bitsandbytes does not quantize, so most of the model would stay 16-bit. GGUF "
+            "quantizes every expert (and AWQ does for Qwen3-MoE and Mixtral).")
     cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
     if is_multimodal(config):
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
