@@ -8,7 +8,7 @@ On one model, in one run:
 
     python bench/bench_convert.py                       # SmolLM2-135M-Instruct from tests/models.py
     python bench/bench_convert.py --model PATH --repeats 5 --json out.json
-    python bench/bench_convert.py --synthetic-llama 2048x16
+    python bench/bench_convert.py --synthetic qwen3:1024x24   # a random bf16 model of a family (see SYNTHETIC)
 
 See bench/README.md.
 """
@@ -207,45 +207,59 @@ def default_model() -> Path:
     return smollm2_dir()
 
 
-def _llama_shapes(hidden: int, layers: int, ffn: int, n_kv: int, head_dim: int, vocab: int) -> dict[str, tuple]:
-    shapes: dict[str, tuple] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (n_kv * head_dim, hidden),
-            p + "self_attn.v_proj.weight": (n_kv * head_dim, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "post_attention_layernorm.weight": (hidden,),
-            p + "mlp.gate_proj.weight": (ffn, hidden),
-            p + "mlp.up_proj.weight": (ffn, hidden),
-            p + "mlp.down_proj.weight": (hidden, ffn),
-        })
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
+# Families for synthetic models: transformers config class, settings beyond the size, tokenizer ("smollm2": SmolLM2's
+# byte-level BPE, a real vocabulary llama.cpp knows; "gemma": a SentencePiece tokenizer trained as tests/tiny.py
+# does, without the dummy prefix, as Gemma's).
+SYNTHETIC = {
+    "llama": ("LlamaConfig", {}, "smollm2"),
+    "qwen3": ("Qwen3Config", {}, "smollm2"),
+    "gemma3": ("Gemma3TextConfig", {"query_pre_attn_scalar": 64, "sliding_window": 512}, "gemma"),
+    "phi3": ("Phi3Config", {"pad_token_id": None}, "smollm2"),
+    "smollm3": ("SmolLM3Config", {"pad_token_id": None}, "smollm2"),
+}
 
 
-def synthetic_llama(size: str, tokenizer_from: Path) -> Path:
-    """A random bf16 Llama of shape HIDDENxLAYERS in two safetensors shards, with SmolLM2's tokenizer.
+def _synthetic_config(family: str, hidden: int, layers: int, vocab: int) -> Any:
+    import transformers
+
+    cls, extra, _ = SYNTHETIC[family]
+    head_dim = 64
+    n_head = hidden // head_dim
+    ffn = (hidden * 8 // 3 + 255) // 256 * 256   # Llama's SwiGLU sizing
+    return getattr(transformers, cls)(
+        hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn, num_attention_heads=n_head,
+        num_key_value_heads=max(1, n_head // 4), head_dim=head_dim, vocab_size=vocab, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="bfloat16", **extra)
+
+
+def synthetic(family: str, size: str, smollm2: Path) -> Path:
+    """A random bf16 model of a family and shape HIDDENxLAYERS in two safetensors shards, never held whole:
+    tensor names and shapes come from the model built on the meta device, each shard is written on its own.
 
     Random weights are fine here: converters do the same work whatever the values are.
     """
     import torch
+    import transformers
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     hidden, layers = (int(x) for x in size.lower().split("x"))
-    out = CACHE / f"synthetic-llama-{hidden}x{layers}"
+    out = CACHE / f"synthetic-{family}-{hidden}x{layers}"
     if (out / "config.json").is_file():
         return out
-    head_dim, vocab = 64, 49152                  # vocab: SmolLM2's tokenizer, copied below
-    n_head = hidden // head_dim
-    n_kv = max(1, n_head // 4)
-    ffn = (hidden * 8 // 3 + 255) // 256 * 256   # Llama's SwiGLU sizing
-    shapes = _llama_shapes(hidden, layers, ffn, n_kv, head_dim, vocab)
     tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=CACHE))
+    if SYNTHETIC[family][2] == "gemma":
+        from tests.tiny import _spm_tokenizer
+
+        _spm_tokenizer(tmp, vocab_size=4096, gemma=True)
+        vocab = 4096
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smollm2 / name, tmp / name)
+        vocab = 49152
+    config = _synthetic_config(family, hidden, layers, vocab)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
     names = list(shapes)
     half = len(names) // 2
@@ -262,12 +276,8 @@ def synthetic_llama(size: str, tokenizer_from: Path) -> Path:
     total = sum(int(np.prod(s)) * 2 for s in shapes.values())
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn, num_attention_heads=n_head,
-                num_key_value_heads=n_kv, head_dim=head_dim, vocab_size=vocab, max_position_embeddings=4096,
-                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                architectures=["LlamaForCausalLM"], dtype="bfloat16").save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_from / name, tmp / name)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
     os.chmod(tmp, 0o755)
     tmp.rename(out)
     return out
@@ -515,8 +525,10 @@ def print_table(s: Summary, check: dict[str, Any] | None) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="HF model folder (default: SmolLM2-135M-Instruct via tests/models.py)")
-    ap.add_argument("--synthetic-llama", metavar="HIDDENxLAYERS",
-                    help="benchmark a random bf16 Llama of this shape instead, e.g. 2048x16 (built in bench/.cache)")
+    ap.add_argument("--synthetic", metavar="FAMILY:HIDDENxLAYERS",
+                    help=f"benchmark a random bf16 model instead, e.g. qwen3:1024x24 (families: {', '.join(SYNTHETIC)}; "
+                    "built once in bench/.cache)")
+    ap.add_argument("--synthetic-llama", metavar="HIDDENxLAYERS", help="same as --synthetic llama:HIDDENxLAYERS")
     ap.add_argument("--llama-cpp-src", type=Path,
                     help="unpacked llama-cpp-python sdist (default: bench/.cache, else pip download)")
     ap.add_argument("--repeats", type=int, default=3, help="conversions per converter (default 3)")
@@ -530,22 +542,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the GGUFs written (deleted by default)")
     ap.add_argument("--json", type=Path, help="write all results here")
     args = ap.parse_args(argv)
-    if args.model and args.synthetic_llama:
-        ap.error("--model and --synthetic-llama exclude each other")
+    if args.synthetic_llama:
+        args.synthetic = f"llama:{args.synthetic_llama}"
+    if args.model and args.synthetic:
+        ap.error("--model and --synthetic exclude each other")
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
-    if args.synthetic_llama and not re.fullmatch(r"\d+x\d+", args.synthetic_llama.lower()):
-        ap.error("--synthetic-llama takes HIDDENxLAYERS, e.g. 2048x16")
-    if args.synthetic_llama and int(args.synthetic_llama.lower().split("x")[0]) % 64:
-        ap.error("--synthetic-llama: HIDDEN must be a multiple of 64 (the head size)")
+    if args.synthetic:
+        m = re.fullmatch(r"(\w+):(\d+)x(\d+)", args.synthetic.lower())
+        if not m or m.group(1) not in SYNTHETIC:
+            ap.error(f"--synthetic takes FAMILY:HIDDENxLAYERS, e.g. qwen3:1024x24 (families: {', '.join(SYNTHETIC)})")
+        if int(m.group(2)) % 64:
+            ap.error("--synthetic: HIDDEN must be a multiple of 64 (the head size)")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ref_dir = obtain_reference(args.llama_cpp_src, CACHE)
-    if args.synthetic_llama:
-        model = synthetic_llama(args.synthetic_llama, default_model())
+    if args.synthetic:
+        family, size = args.synthetic.lower().split(":")
+        model = synthetic(family, size, default_model())
     else:
         model = args.model.resolve() if args.model else default_model()
     work = (args.work_dir or CACHE / f"work-{model.name}").resolve()
