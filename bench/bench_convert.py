@@ -255,6 +255,9 @@ def synthetic(family: str, size: str, smollm2: Path) -> Path:
     else:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(smollm2 / name, tmp / name)
+        if family == "phi3":   # Phi-4's shape: a GPT-2 byte-level BPE tokenizer, named so
+            settings = json.loads((tmp / "tokenizer_config.json").read_text())
+            (tmp / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "GPT2Tokenizer"}))
         vocab = 49152
     config = _synthetic_config(family, hidden, layers, vocab)
     with torch.device("meta"):

@@ -188,8 +188,14 @@ def _names(config: dict[str, Any]) -> list[str]:
     return list(config.get("architectures") or [])
 
 
-def _shown(config: dict[str, Any]) -> str:
+def shown(config: dict[str, Any]) -> str:
+    """A config's architecture names for a message (its model_type when it names none)."""
     return ", ".join(_names(config)) or f"model_type={config.get('model_type', 'unknown')}"
+
+
+def first_known(config: dict[str, Any], known: Any) -> str | None:
+    """The first of a config's architecture names that is in `known`."""
+    return next((name for name in _names(config) if name in known), None)
 
 
 def supported(method: str) -> list[str]:
@@ -199,24 +205,22 @@ def supported(method: str) -> list[str]:
 
 def arch_of(config: dict[str, Any]) -> tuple[str, GGUFSpec]:
     """The HF architecture name and our converter's spec for it, or UnsupportedArchitectureError."""
-    for name in _names(config):
-        spec = FAMILIES[name].gguf if name in FAMILIES else None
-        if spec is not None:
-            return name, spec
+    name = first_known(config, supported("gguf"))
+    if name is not None:
+        return name, FAMILIES[name].gguf   # type: ignore[return-value]
     raise UnsupportedArchitectureError(
-        f"Architecture {_shown(config)} is not in QuantSpace's own GGUF converter "
+        f"Architecture {shown(config)} is not in QuantSpace's own GGUF converter "
         f"(it has: {', '.join(supported('gguf'))})."
     )
 
 
 def awq_spec(config: dict[str, Any]) -> LayerSpec:
     """The AWQ layer table of a model's config.json, or UnsupportedArchitectureError naming what AWQ supports."""
-    for name in _names(config):
-        spec = FAMILIES[name].awq if name in FAMILIES else None
-        if spec is not None:
-            return spec
+    name = first_known(config, supported("awq"))
+    if name is not None:
+        return FAMILIES[name].awq   # type: ignore[return-value]
     raise UnsupportedArchitectureError(
-        f"AWQ does not support {_shown(config)} yet (supported: {', '.join(supported('awq'))})."
+        f"AWQ does not support {shown(config)} yet (supported: {', '.join(supported('awq'))})."
     )
 
 

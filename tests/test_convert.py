@@ -83,22 +83,23 @@ def test_pre_tokenizer_names(converted):
     assert pre == {"spm": "default", "bpe": "llama-bpe", "qwen2": "qwen2", "digits": "smollm"}
 
 
-@pytest.mark.parametrize("kind", ["bpe", "spm", "qwen2", "digits"])
-def test_llama_cpp_tokenizes_like_transformers(converted, kind):
+def tokenize_mismatches(src: Path, path: Path, lines: list[str] | None = None) -> tuple[list, object, object]:
+    """Lines llama.cpp tokenizes differently from transformers: (mismatches, llama, transformers tokenizer).
+
+    transformers 5's Metaspace does not add the "▁" prefix before a leading space; SentencePiece (the original
+    tokenizer, and llama.cpp) does. For such lines the original is the reference.
+    """
     from transformers import AutoTokenizer
 
-    src, path = converted[kind]
     hf = AutoTokenizer.from_pretrained(src)
     llm = llama(path, vocab_only=True)
     spm = None
     if (src / "tokenizer.model").is_file():
-        # transformers 5's Metaspace does not add the "▁" prefix before a leading space; SentencePiece (the
-        # original tokenizer, and llama.cpp) does. For such lines the original is the reference.
         import sentencepiece
 
         spm = sentencepiece.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
     mismatches = []
-    for line in eval_lines():
+    for line in eval_lines() if lines is None else lines:
         ours = llm.tokenize(line.encode(), add_bos=False, special=False)
         if spm is not None and line[:1].isspace():
             theirs = spm.encode(line)
@@ -106,6 +107,13 @@ def test_llama_cpp_tokenizes_like_transformers(converted, kind):
             theirs = hf(line, add_special_tokens=False).input_ids
         if ours != theirs:
             mismatches.append((line[:40], ours[:8], theirs[:8]))
+    return mismatches, llm, hf
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm", "qwen2", "digits"])
+def test_llama_cpp_tokenizes_like_transformers(converted, kind):
+    src, path = converted[kind]
+    mismatches, llm, hf = tokenize_mismatches(src, path)
     assert not mismatches, f"{len(mismatches)} lines tokenized differently, e.g. {mismatches[:3]}"
     # BOS handling and special tokens survive too.
     with_bos = llm.tokenize(b"Hello", add_bos=True, special=False)

@@ -24,7 +24,7 @@ from quantspace.converter.streaming import convert
 from quantspace.converter.tensor_types import choose_types, f16_tensors, model_facts
 from quantspace.formats.gguf import LLAMA_CPP, OURS, VARIANTS, converter_for, llama_quantize
 from tests.conftest import _tiny
-from tests.test_convert import eval_lines, gguf_logits, hf_logits, llama
+from tests.test_convert import gguf_logits, hf_logits, tokenize_mismatches
 from tests.test_pipeline import llama_generate
 from tests.tiny import corpus
 
@@ -157,25 +157,8 @@ def test_f16_logits_match_transformers(made, family):
 
 @pytest.mark.parametrize("family", RUNNABLE)
 def test_llama_cpp_tokenizes_like_transformers(made, family):
-    from transformers import AutoTokenizer
-
     src, ours, _ = made[family]
-    hf = AutoTokenizer.from_pretrained(src)
-    llm = llama(ours, vocab_only=True)
-    spm = None
-    if (src / "tokenizer.model").is_file():
-        # As in test_convert: for lines starting with a space transformers 5's Metaspace and SentencePiece (which
-        # llama.cpp follows) disagree; the original SentencePiece model is the reference there.
-        import sentencepiece
-
-        spm = sentencepiece.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
-    bad = []
-    for line in eval_lines():
-        got = llm.tokenize(line.encode(), add_bos=False, special=False)
-        want = spm.encode(line) if spm is not None and line[:1].isspace() else \
-            hf(line, add_special_tokens=False).input_ids
-        if got != want:
-            bad.append((line[:40], got[:8], want[:8]))
+    bad, llm, hf = tokenize_mismatches(src, ours)
     assert not bad, f"{len(bad)} lines differ, e.g. {bad[:3]}"
     assert llm.tokenize(b"Hello", add_bos=True, special=False) == hf("Hello").input_ids
     llm.close()

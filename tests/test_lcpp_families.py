@@ -14,7 +14,7 @@ import pytest
 from quantspace.converter import llama_cpp
 from quantspace.converter.vocab import PRE_TOKENIZERS, detect_pre
 from quantspace.errors import QuantizeError, TokenizerError
-from tests.test_convert import eval_lines, gguf_logits, hf_logits, llama
+from tests.test_convert import eval_lines, gguf_logits, hf_logits, llama, tokenize_mismatches
 from tests.test_pipeline import llama_generate
 
 FAMILIES = [("qwen3_moe", "bpe", "Qwen3MoeForCausalLM"), ("gemma4", "gemma", "Gemma4ForCausalLM"),
@@ -32,8 +32,6 @@ def _kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("arch,kind,hf_name", FAMILIES)
 def test_llama_cpps_converter_matches_transformers(arch, kind, hf_name, tmp_path):
-    from transformers import AutoTokenizer
-
     from quantspace.formats.gguf import LLAMA_CPP, VARIANTS, converter_for, llama_quantize
     from tests.conftest import _tiny
 
@@ -42,12 +40,7 @@ def test_llama_cpps_converter_matches_transformers(arch, kind, hf_name, tmp_path
     assert config["architectures"] == [hf_name] and converter_for(config) == LLAMA_CPP
     f16 = llama_cpp.convert(folder, tmp_path / "f16.gguf", "F16")
 
-    hf = AutoTokenizer.from_pretrained(folder)
-    vocab_only = llama(f16, vocab_only=True)
-    lines = eval_lines()[::4]
-    differ = [line[:40] for line in lines
-              if vocab_only.tokenize(line.encode(), add_bos=False, special=False)
-              != hf(line, add_special_tokens=False).input_ids]
+    differ, vocab_only, hf = tokenize_mismatches(folder, f16, eval_lines()[::4])
     vocab_only.close()
     assert not differ, differ
 

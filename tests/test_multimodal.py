@@ -6,7 +6,6 @@ AWQ refuses in one line."""
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 
 import numpy as np

@@ -19,6 +19,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+from ..archs import first_known, shown
 from ..errors import QuantizeError, TokenizerError, UnsupportedArchitectureError
 
 SCRIPT = "convert_hf_to_gguf.py"
@@ -116,14 +117,12 @@ def architectures() -> frozenset[str]:
 
 def check(config: dict) -> str:
     """The architecture llama.cpp's converter takes for this config, or UnsupportedArchitectureError."""
-    names = config.get("architectures") or []
     known = architectures()
-    for name in names:
-        if name in known:
-            return name
-    shown = ", ".join(names) or f"model_type={config.get('model_type', 'unknown')}"
+    found = first_known(config, known)
+    if found:
+        return found
     raise UnsupportedArchitectureError(
-        f"Architecture {shown} is not supported for GGUF: neither our converter nor llama.cpp's "
+        f"Architecture {shown(config)} is not supported for GGUF: neither our converter nor llama.cpp's "
         f"(llama.cpp of llama-cpp-python {llama_cpp_version()}, {len(known)} architectures) knows it; "
         "`python -m quantspace architectures` lists them.")
 
@@ -192,14 +191,11 @@ def _mmproj_architectures(folder: Path) -> frozenset[str]:
 
 def check_mmproj(config: dict) -> str:
     """The architecture llama.cpp's converter writes a projector (mmproj) for, or UnsupportedArchitectureError."""
-    names = config.get("architectures") or []
-    known = _mmproj_architectures(converter_dir())
-    for name in names:
-        if name in known:
-            return name
-    shown = ", ".join(names) or f"model_type={config.get('model_type', 'unknown')}"
+    found = first_known(config, _mmproj_architectures(converter_dir()))
+    if found:
+        return found
     raise UnsupportedArchitectureError(
-        f"{shown} is multimodal, but llama.cpp's converter (llama-cpp-python {llama_cpp_version()}) cannot write "
+        f"{shown(config)} is multimodal, but llama.cpp's converter (llama-cpp-python {llama_cpp_version()}) cannot write "
         "its vision/audio projector (mmproj); its GGUF would not see images.")
 
 
