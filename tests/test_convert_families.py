@@ -134,12 +134,20 @@ def test_same_file_as_llama_cpps_converter(made, family):
     assert "tokenizer.ggml.add_bos_token" in ka
 
 
-def test_a_given_name_changes_general_name_only(made, tmp_path):
-    src, ours, _ = made["qwen3"]
-    named = _metadata(gguf.GGUFReader(convert(src, tmp_path / "n.gguf", name="My-Qwen3")))
-    plain = _metadata(gguf.GGUFReader(ours))
-    assert named.pop("general.name") == "My-Qwen3" and plain.pop("general.name") != "My-Qwen3"
-    assert named == plain
+def test_a_given_name_is_the_models_name_whatever_its_folder(made, tmp_path):
+    """A Hub download sits in a folder named by commit hash: with the model's name given, general.* are what
+    llama.cpp's converter writes for a folder of that name, and general.name is the name itself."""
+    src, _, _ = made["qwen3"]
+    hashed = tmp_path / "3f9c0d2e41b7"
+    shutil.copytree(src, hashed)
+    named = tmp_path / "My-Qwen3-0.6B-Instruct"
+    shutil.copytree(src, named)
+    given = _metadata(gguf.GGUFReader(convert(hashed, tmp_path / "given.gguf", name=named.name)))
+    theirs = _metadata(gguf.GGUFReader(llama_cpp.convert(named, tmp_path / "theirs.gguf")))
+    assert given.pop("general.name") == named.name
+    theirs.pop("general.name")
+    assert given == theirs
+    assert "Instruct" in given["general.finetune"]   # guessed from the name, not from "3f9c0d2e41b7"
 
 
 @pytest.mark.parametrize("family", RUNNABLE)

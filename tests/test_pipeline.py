@@ -155,12 +155,6 @@ def _set_arch(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
-def _set_yarn(folder: Path) -> None:
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
-    (folder / "config.json").write_text(json.dumps(cfg))
-
-
 def _truncate(folder: Path) -> None:
     w = folder / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-1000])
@@ -175,7 +169,6 @@ def _pickle_only(folder: Path) -> None:
     ("no-tokenizer", lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
      "no tokenizer.json or tokenizer.model"),
     ("corrupt", _truncate, "truncated or corrupt"),
-    ("yarn", _set_yarn, "RoPE scaling 'yarn' is not supported"),
     ("pickled", _pickle_only, "--allow-pickle"),
 ])
 def test_bad_sources_fail_clearly_and_push_nothing(hub, tiny_bpe, tmp_path, capsys, monkeypatch, case, edit,
@@ -192,7 +185,7 @@ def test_bad_sources_fail_clearly_and_push_nothing(hub, tiny_bpe, tmp_path, caps
 
     assert not HfApi().repo_exists(f"alice/{case}-GGUF", token=ALICE_TOKEN)
     assert not out_dir.exists() or not any(out_dir.iterdir())
-    if case in ("unsupported", "no-tokenizer", "pickled", "yarn"):  # refused before any weight download
+    if case in ("unsupported", "no-tokenizer", "pickled"):  # refused before any weight download
         assert not any(p.endswith((".safetensors", ".bin")) for m, p in hub.requests_log if m == "GET")
 
 

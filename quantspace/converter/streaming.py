@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -294,9 +295,19 @@ def _write_hparams(w: gguf.GGUFWriter, hp: HParams, spec: GGUFSpec, ftype: int) 
 
 def _write_general(w: gguf.GGUFWriter, model_dir: Path, name: str | None) -> None:
     """general.* as llama.cpp's converter writes them: gguf's own reading of the folder (model card, config,
-    generation_config.json) and the parameter count; `name`, when given, replaces the derived name."""
+    generation_config.json), the parameter count, and what it guesses from the folder's name. With `name` (the
+    model's name, e.g. a Hub repo's, whose download sits in a folder named by commit hash) those guesses are made
+    from `name` instead, as if the folder were called so, and general.name is `name`."""
     total, shared, expert, experts = w.get_total_parameter_count()
-    meta = gguf.Metadata.load(None, model_dir, None, total)
+    with tempfile.TemporaryDirectory(prefix="quantspace-meta-") as tmp:
+        folder = model_dir
+        if name is not None and name != model_dir.name:
+            folder = Path(tmp) / name.rsplit("/", 1)[-1]
+            folder.mkdir()
+            for part in ("README.md", "config.json", "generation_config.json"):   # what gguf's Metadata reads
+                if (model_dir / part).is_file():
+                    (folder / part).symlink_to((model_dir / part).absolute())
+        meta = gguf.Metadata.load(None, folder, None, total)
     if meta.name is None:
         meta.name = model_dir.name
     if meta.size_label is None and total > 0:
