@@ -120,21 +120,19 @@ def read_imatrix(path: Path | str) -> Imatrix:
 
 
 def check_fits(imatrix: Imatrix, gguf_path: Path) -> None:
-    """Refuse, in one line, an imatrix made for another model: an entry llama.cpp would find under a weight's
-    name but with another width (llama-quantize stops on that mid-run)."""
+    """Refuse, in one line, an imatrix made for another model: an entry for a weight this model does not
+    have, or with another width (llama-quantize would stop on that mid-run)."""
     import gguf
 
     widths = {t.name: int(t.shape[0]) * (int(t.shape[2]) if len(t.shape) > 2 else 1)
               for t in gguf.GGUFReader(gguf_path).tensors}
-    known = [n for n in imatrix.entries if n in widths]
-    for name in known:
-        size = imatrix.entries[name].sums.size
-        if size != widths[name] and name != "token_embd.weight":
-            raise BadOptionError(f"The imatrix {_shown(imatrix)} has {size} values for {name}, the model "
-                                 f"{widths[name]}: it was made for another model.")
-    if not known:
-        raise BadOptionError(f"The imatrix {_shown(imatrix)} names none of this model's weights (e.g. "
-                             f"{next(iter(imatrix.entries))}): it was made for another model.")
+    for name, entry in imatrix.entries.items():
+        if name not in widths:
+            raise BadOptionError(f"The imatrix {_shown(imatrix)} has an entry for {name}, a weight this model "
+                                 "does not have: it was made for another model.")
+        if entry.sums.size != widths[name]:
+            raise BadOptionError(f"The imatrix {_shown(imatrix)} has {entry.sums.size} values for {name}, the "
+                                 f"model {widths[name]}: it was made for another model.")
 
 
 def _shown(imatrix: Imatrix) -> str:

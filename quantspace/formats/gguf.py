@@ -69,6 +69,21 @@ def captured_stderr(log: Path) -> Iterator[None]:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _llama_cpp_logs() -> Iterator[None]:
+    """Every line llama.cpp logs goes to stderr meanwhile: a Llama(verbose=False) made earlier in this process
+    leaves llama-cpp-python's logger at ERROR, which drops the lines that say why quantizing failed."""
+    import logging
+
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _tail(log: Path, lines: int = 5) -> str:
     try:
         return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
@@ -92,7 +107,7 @@ def llama_quantize(src: Path, dst: Path, ftype: int, threads: int | None = None,
     log = dst.with_name(f".{dst.name}.quantize.log")
     log.unlink(missing_ok=True)
     try:
-        with captured_stderr(log):
+        with captured_stderr(log), _llama_cpp_logs():
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():
             tail = _tail(log)
