@@ -71,17 +71,17 @@ def captured_stderr(log: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _llama_cpp_logs() -> Iterator[None]:
-    """Every line llama.cpp logs goes to stderr meanwhile: a Llama(verbose=False) made earlier in this process
-    leaves llama-cpp-python's logger at ERROR, which drops the lines that say why quantizing failed."""
-    import logging
+    """llama.cpp's own logger meanwhile, which writes to file descriptor 2: llama-cpp-python's callback prints
+    to Python's sys.stderr (replaced under a test runner or a web server) and, after a Llama(verbose=False),
+    drops the lines that say why quantizing failed."""
+    import llama_cpp
+    from llama_cpp import _logger
 
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
+    llama_cpp.llama_log_set(llama_cpp.llama_log_callback(), ctypes.c_void_p(0))   # NULL: llama.cpp's default
     try:
         yield
     finally:
-        logger.setLevel(level)
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def _tail(log: Path, lines: int = 5) -> str:
