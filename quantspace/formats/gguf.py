@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -16,13 +17,15 @@ from ..converter import llama_cpp as lcpp_convert
 from ..archs import load_config
 from ..converter.streaming import HParams, convert
 from ..errors import QuantizeError, UnsupportedArchitectureError
+from ..imatrix import IMATRIX_NAME
 from ..multimodal import is_multimodal, text_config, tower_of
 from ..converter.tensor_types import (choose_types, f16_tensors, file_bytes, generic_f16_tensors, generic_model_facts,
                           kv_bytes, model_facts)
-from . import Context, Option, Output, TensorStats, Tick, pick_variants
+from . import Context, Option, Output, TensorStats, Tick, pick_variants, run_directly
 
 if TYPE_CHECKING:
     from ..evaluate import Metrics, Reference
+    from ..imatrix import Imatrix
     from ..report import Report
 
 Q = gguf.GGMLQuantizationType
@@ -66,6 +69,21 @@ def captured_stderr(log: Path) -> Iterator[None]:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _llama_cpp_logs() -> Iterator[None]:
+    """llama.cpp's own logger meanwhile, which writes to file descriptor 2: llama-cpp-python's callback prints
+    to Python's sys.stderr (replaced under a test runner or a web server) and, after a Llama(verbose=False),
+    drops the lines that say why quantizing failed."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    llama_cpp.llama_log_set(llama_cpp.llama_log_callback(), ctypes.c_void_p(0))   # NULL: llama.cpp's default
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 def _tail(log: Path, lines: int = 5) -> str:
     try:
         return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
@@ -73,30 +91,77 @@ def _tail(log: Path, lines: int = 5) -> str:
         return ""
 
 
-def llama_quantize(src: Path, dst: Path, ftype: int, threads: int | None = None) -> None:
-    """Run llama.cpp's quantizer; writes dst atomically or raises QuantizeError with llama.cpp's reason."""
+def llama_quantize(src: Path, dst: Path, ftype: int, threads: int | None = None,
+                   imatrix: "Imatrix | None" = None) -> None:
+    """Run llama.cpp's quantizer; writes dst atomically or raises QuantizeError with llama.cpp's reason.
+    With an importance matrix, llama.cpp weighs each column's rounding error by it (as llama-quantize
+    --imatrix) and records where it came from in the file's quantize.imatrix.* keys."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = int(threads or os.cpu_count() or 1)
+    keep_alive = _with_imatrix(params, imatrix) if imatrix is not None else None   # C reads these during the call
     tmp = dst.with_name(dst.name + ".partial")
     # Next to the output (a job's staging folder), so a killed run leaves nothing elsewhere.
     log = dst.with_name(f".{dst.name}.quantize.log")
     log.unlink(missing_ok=True)
     try:
-        with captured_stderr(log):
+        with captured_stderr(log), _llama_cpp_logs():
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():
             tail = _tail(log)
             for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 if os.strerror(code) in tail:   # the C library's own words for a full disk / size limit
                     raise OSError(code, os.strerror(code), str(tmp))
+            if "requires an imatrix" in tail or "Missing importance matrix" in tail:
+                raise QuantizeError(f"llama.cpp needs an importance matrix for {dst.name}: use --imatrix auto "
+                                    f"(or a file) for this variant. ({tail})")
             raise QuantizeError(f"llama.cpp could not quantize {src.name} (code {rc}): {tail}")
         os.replace(tmp, dst)
     finally:
+        del keep_alive
         tmp.unlink(missing_ok=True)
         log.unlink(missing_ok=True)
+
+
+# quantize.imatrix.* keys, as llama-quantize (tools/quantize/quantize.cpp) writes them into the file
+KV_IMATRIX_FILE = "quantize.imatrix.file"
+KV_IMATRIX_DATASET = "quantize.imatrix.dataset"
+KV_IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
+KV_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
+
+
+def _with_imatrix(params: Any, imatrix: "Imatrix") -> list[Any]:
+    """Point params.imatrix at a null-terminated array of {name, values, size} and params.kv_overrides at
+    the quantize.imatrix.* keys; returns the buffers, which must outlive the quantize call."""
+    import llama_cpp
+
+    names = {name: name.encode() for name in imatrix.entries}
+    values = {name: e.values() for name, e in imatrix.entries.items()}
+    data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()   # zeroed: the last one ends the list
+    for i, name in enumerate(names):
+        data[i].name = names[name]
+        data[i].data = values[name].ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        data[i].size = values[name].size
+    params.imatrix = data
+    kvs: list[tuple[str, str | int]] = [(KV_IMATRIX_FILE, imatrix.path.name if imatrix.path else IMATRIX_NAME)]
+    if imatrix.dataset:
+        kvs.append((KV_IMATRIX_DATASET, imatrix.dataset))
+    kvs.append((KV_IMATRIX_ENTRIES, len(imatrix.entries)))
+    if imatrix.chunk_count > 0:
+        kvs.append((KV_IMATRIX_CHUNKS, imatrix.chunk_count))
+    overrides = (llama_cpp.llama_model_kv_override * (len(kvs) + 1))()   # an empty key ends the list
+    for o, (key, value) in zip(overrides, kvs):
+        o.key = key.encode()
+        if isinstance(value, int):
+            o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            o.value.val_i64 = value
+        else:
+            o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            o.value.val_str = value.encode()[:127]   # 128 bytes with the terminator, as llama-quantize cuts it
+    params.kv_overrides = overrides
+    return [names, values, data, overrides]
 
 
 OURS, LLAMA_CPP = "QuantSpace's streaming converter", "llama.cpp's convert_hf_to_gguf.py"
@@ -126,7 +191,16 @@ class GGUF:
     eval_runtime = "GGUF (llama.cpp)"
     variants = tuple(VARIANTS)
     default_variants = ("Q4_K_M", "Q8_0")
-    options: tuple[Option, ...] = ()
+    options: tuple[Option, ...] = (
+        Option("imatrix", "auto", "importance matrix for the variants below 8 bits: auto (computed from the "
+               "calibration text), off, or the path of an imatrix GGUF (ours or llama-imatrix's)",
+               label="Importance matrix (auto, off or a file)"),
+        Option("calib_dataset", "", "calibration text (GGUF imatrix, AWQ): a Hub dataset id[:file] or a local "
+               ".txt/.jsonl/.json/.parquet file (empty: the shipped text)",
+               label="Calibration dataset (Hub id or file)"),
+        Option("imatrix_chunks", 64, "imatrix calibration chunks", minimum=1, label="Imatrix chunks"),
+        Option("imatrix_ctx", 512, "tokens per imatrix chunk", minimum=16, label="Imatrix tokens per chunk"),
+    )
     needs_gpu = False
 
     def unavailable(self) -> str | None:
@@ -179,6 +253,7 @@ class GGUF:
         # Not a deliverable unless asked for: a hidden name, so an F16 file already in out_dir is left alone.
         base = out_dir / (f"{name}-F16.gguf" if "F16" in variants else f".{name}-F16.intermediate.gguf")
         converter = converter_for(load_config(model_dir))
+        plan = imatrix_plan(model_dir, variants, ctx)   # a bad file or calibration text fails before any work
         wide = [("F16", base)] if needs_f16 else []
         if "BF16" in variants:
             wide.append(("BF16", out_dir / f"{name}-BF16.gguf"))
@@ -190,14 +265,21 @@ class GGUF:
                 tick(0, 1)
                 lcpp_convert.convert(model_dir, path, out_type=out_type)
                 tick(1, 1)
+        imatrix = plan.finish(model_dir, base, out_dir, ctx) if plan.users else None
         for v in variants:
             path = out_dir / f"{name}-{v}.gguf"
+            details: dict[str, Any] = {"converter": converter}
+            extra: tuple[Path, ...] = ()
             if v not in DIRECT:
+                used = imatrix if v in plan.users else None
                 tick = stage(f"quantize {v}")
                 tick(0, 1)
-                llama_quantize(base, path, VARIANTS[v].ftype)
+                llama_quantize(base, path, VARIANTS[v].ftype, imatrix=used)
                 tick(1, 1)
-            outputs.append(Output(v, (path,), details={"converter": converter}))
+                details.update(plan.details(v))
+                if used is not None and used.path is not None and not plan.published:
+                    extra, plan.published = (used.path,), True   # pushed with the first variant that used it
+            outputs.append(Output(v, (path,), extra, details=details))
         if needs_f16 and "F16" not in variants:
             base.unlink(missing_ok=True)   # the intermediate is not a deliverable
         if is_multimodal(load_config(model_dir)):
@@ -250,6 +332,9 @@ class GGUF:
     def card_notes(self, report: "Report") -> str:
         converter = (report.files[0].details or {}).get("converter") if report.files else None
         notes = f"The 16-bit GGUF these files were quantized from was made by {converter}." if converter else ""
+        imatrix = imatrix_note(report)
+        if imatrix:
+            notes += ("\n\n" if notes else "") + imatrix
         mmproj = mmproj_of(report)
         if mmproj:
             notes += (f"\n\n`{mmproj}` is the vision/audio projector (llama.cpp's `--mmproj` conversion, F16, "
@@ -316,3 +401,129 @@ def mmproj_usage(repo_id: str | None, filename: str, variant: str, mmproj: str) 
         f"Without `--mmproj` the model runs as a text-only LLM (`llama-cli -m {filename}`).",
     ]
     return "\n".join(lines)
+
+
+# --- the importance matrix of the variants below 8 bits ---
+
+# llama.cpp's quantizer makes no use of an importance matrix for these (8 bits and wider).
+WITHOUT_IMATRIX = ("F32", "F16", "BF16", "Q8_0")
+
+
+@dataclass
+class ImatrixPlan:
+    """What a run does about the importance matrix, decided (and checked) before the conversion."""
+    users: list[str]                          # variants quantized with it
+    mode: str                                 # "auto", "off" or "file"
+    given: "Imatrix | None" = None            # the user's file
+    chunks: list[list[int]] | None = None     # auto: the calibration chunks
+    source: str = ""                          # auto: where the text came from
+    skipped: str = ""                         # auto without a layer table: why none was computed
+    published: bool = False
+    imatrix: "Imatrix | None" = None
+
+    def finish(self, model_dir: Path, f16: Path, out_dir: Path, ctx: Context) -> "Imatrix":
+        """The imatrix the users are quantized with, written to out_dir/imatrix.gguf."""
+        from ..imatrix import check_fits, write_imatrix
+
+        if self.given is not None:
+            check_fits(self.given, f16)
+            assert self.given.path is not None
+            copy = out_dir / IMATRIX_NAME   # published under the usual name, byte for byte
+            shutil.copyfile(self.given.path, copy.with_name(copy.name + ".partial"))
+            os.replace(copy.with_name(copy.name + ".partial"), copy)
+            self.given.path = copy
+            self.imatrix = self.given
+            return self.given
+        self.imatrix = compute_imatrix(model_dir, f16, self, ctx)
+        write_imatrix(self.imatrix, out_dir / IMATRIX_NAME)
+        return self.imatrix
+
+    def details(self, variant: str) -> dict[str, Any]:
+        if variant in self.users and self.imatrix is not None:
+            im = self.imatrix
+            out = {"imatrix": im.path.name if im.path else IMATRIX_NAME, "imatrix_dataset": im.dataset,
+                   "imatrix_chunks": im.chunk_count, "imatrix_ctx": im.chunk_size}
+            if self.mode == "file":
+                out["imatrix_given"] = True
+            return out
+        if self.skipped and variant not in WITHOUT_IMATRIX:
+            return {"imatrix_skipped": self.skipped}
+        return {}
+
+
+def imatrix_plan(model_dir: Path, variants: list[str], ctx: Context) -> ImatrixPlan:
+    from ..archs import load_config
+    from ..awq.layers import spec_for
+    from ..imatrix import read_imatrix
+    from ..imatrix_compute import calibration_chunks
+
+    mode = str(ctx.options.get("imatrix") or "auto").strip()
+    below = [v for v in variants if v not in DIRECT and v not in WITHOUT_IMATRIX]
+    if mode.lower() == "off" or not below:
+        return ImatrixPlan([], "off")
+    if mode.lower() != "auto":
+        return ImatrixPlan(below, "file", given=read_imatrix(mode))
+    try:
+        spec_for(load_config(model_dir))
+    except UnsupportedArchitectureError:
+        return ImatrixPlan([], "auto", skipped="QuantSpace has no layer table for this architecture to compute "
+                                               "an importance matrix with; give one with --imatrix FILE")
+    n, length = int(ctx.options.get("imatrix_chunks", 64)), int(ctx.options.get("imatrix_ctx", 512))
+    tick = ctx.stage("imatrix calibration")
+    source, chunks = calibration_chunks(model_dir, n, length, ctx.options.get("calib_dataset") or None, ctx.token)
+    tick(1, 1)
+    return ImatrixPlan(below, "auto", chunks=chunks, source=source)
+
+
+def compute_imatrix(model_dir: Path, f16: Path, plan: ImatrixPlan, ctx: Context) -> "Imatrix":
+    """Our importance matrix: in this process (CPU or a local GPU), or in bounded GPU windows (ZeroGPU) that
+    each do what fits and leave the rest in a state folder, like AWQ."""
+    import tempfile
+
+    from .. import imatrix_compute as ic
+    from ..archs import load_config
+    from .awq import WINDOW_BUDGET_S, WINDOW_SHARE
+
+    assert plan.chunks is not None
+    settings = ic.Settings(ctx=len(plan.chunks[0]), n_chunks=len(plan.chunks), device=ctx.device)
+    state = (ctx.workdir or Path(tempfile.gettempdir())) / f"quantspace-imatrix-state-{model_dir.name}"
+    ic.prepare(state, settings, plan.chunks)
+    total = ic.steps(load_config(model_dir))
+    tick = ctx.stage("imatrix")
+    try:
+        if ctx.run_gpu is run_directly:
+            ic.run(model_dir, state, progress=tick)
+        else:
+            budget = WINDOW_SHARE * ctx.gpu_window_s if ctx.gpu_window_s else WINDOW_BUDGET_S
+            while True:
+                before = ic.engine.next_layer(state)
+                if ctx.run_gpu(ic.run, model_dir, state, budget):
+                    break
+                if ic.engine.next_layer(state) <= before:
+                    raise QuantizeError(f"The imatrix made no progress at layer {before}; the GPU window is too "
+                                        "short.")
+                tick(ic.engine.next_layer(state), total)
+        return ic.assemble(model_dir, state, f16, plan.source)
+    finally:
+        if ctx.workdir is None:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def imatrix_note(report: "Report") -> str:
+    """Card lines: which files used which importance matrix, computed from what."""
+    used = [f for f in report.files if (f.details or {}).get("imatrix")]
+    skipped = next(((f.details or {}).get("imatrix_skipped") for f in report.files
+                    if (f.details or {}).get("imatrix_skipped")), None)
+    if not used:
+        return f"No importance matrix was used: {skipped}." if skipped else ""
+    d = used[0].details or {}
+    names = ", ".join(f.variant for f in used)
+    if d.get("imatrix_given"):
+        how = f"the importance matrix `{d['imatrix']}` given to QuantSpace"
+        if d.get("imatrix_dataset"):
+            how += f" (computed on {d['imatrix_dataset']})"
+    else:
+        how = (f"an importance matrix QuantSpace computed in PyTorch on {d['imatrix_chunks']} chunks of "
+               f"{d['imatrix_ctx']} tokens of {d['imatrix_dataset']}")
+    return (f"{names} {'was' if len(used) == 1 else 'were'} quantized with {how}. It is in this repo as "
+            f"`{d['imatrix']}` (llama.cpp's imatrix GGUF): reuse it with `llama-quantize --imatrix {d['imatrix']}`.")
