@@ -223,7 +223,7 @@ def test_disk_full_during_conversion_names_the_disk_and_the_need(tiny_bpe, tmp_p
     proc = subprocess.run([sys.executable, "-m", "quantspace", *args], capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out_dir.iterdir()) == ["README.md", "quantspace.json",
+    assert sorted(p.name for p in out_dir.iterdir()) == ["README.md", "imatrix.gguf", "quantspace.json",
                                                          "tiny-llama-bpe-Q4_K_M.gguf"]
 
 
@@ -272,10 +272,12 @@ def _upload_started(text: str, hub) -> bool:
 
 
 # What the CLI prints when the stage after the killed one starts: it must not have been reached.
-NEXT_STAGE = {"download": "convert F16", "convert": "quantize Q4_K_M", "quantize": "evaluate source", "evaluate": "card", "upload": None}
+NEXT_STAGE = {"download": "convert F16", "convert": "imatrix  ", "imatrix": "quantize Q4_K_M",
+              "quantize": "evaluate source", "evaluate": "card", "upload": None}
 KILL_AT = {
     "download": _download_under_way,
     "convert": _stage_seen("convert F16"),
+    "imatrix": _stage_seen("imatrix  "),   # the stage, not "imatrix calibration"
     "quantize": _stage_seen("quantize Q4_K_M"),
     "evaluate": _stage_seen("evaluate source"),
     "upload": _upload_started,
@@ -314,7 +316,8 @@ def test_sigkill_at_each_stage_then_rerun(hub, smollm2, tmp_path, tmpdir_env, mo
     seed(hub, "HuggingFaceTB/SmolLM2-135M-Instruct", smollm2)
     target, out_dir = "alice/SmolLM2-GGUF", tmp_path / "out"
     cmd = [sys.executable, "-m", "quantspace", "quantize", "HuggingFaceTB/SmolLM2-135M-Instruct",
-           "--variants", "Q4_K_M", "--push", target, "--out", str(out_dir), "--ctx", "64", "--chunks", "2"]
+           "--variants", "Q4_K_M", "--push", target, "--out", str(out_dir), "--ctx", "64", "--chunks", "2",
+           "--imatrix-chunks", "4", "--imatrix-ctx", "64"]
     env = {**os.environ, "HF_TOKEN": ALICE_TOKEN, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir_env)}
     printed = _run_and_kill(cmd, env, KILL_AT[stage], hub)
     assert NEXT_STAGE[stage] is None or NEXT_STAGE[stage] not in printed, printed[-2000:]
@@ -331,7 +334,7 @@ def test_sigkill_at_each_stage_then_rerun(hub, smollm2, tmp_path, tmpdir_env, mo
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert leftovers(out_dir, tmpdir_env) == [] and _partial_downloads() == []
-    names = {"SmolLM2-135M-Instruct-Q4_K_M.gguf", "README.md", "quantspace.json"}
+    names = {"SmolLM2-135M-Instruct-Q4_K_M.gguf", "imatrix.gguf", "README.md", "quantspace.json"}
     assert {p.name for p in out_dir.iterdir()} == names
     report = Report.load(out_dir / "quantspace.json")
     gguf_file = out_dir / "SmolLM2-135M-Instruct-Q4_K_M.gguf"

@@ -92,7 +92,7 @@ def test_python_api_local_folder(tiny_bpe, tmp_path):
     out = tmp_path / "result"
     report = quantize(str(tiny_bpe), variants=["Q4_K_M", "F16", "BF16"], out=out, no_eval=True)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["README.md", "quantspace.json", "tiny-llama-bpe-Q4_K_M.gguf",
+    assert names == sorted(["README.md", "imatrix.gguf", "quantspace.json", "tiny-llama-bpe-Q4_K_M.gguf",
                             "tiny-llama-bpe-F16.gguf", "tiny-llama-bpe-BF16.gguf"])
     assert Report.load(out / "quantspace.json") == report
     sizes = {f.variant: f.size_bytes for f in report.files}
