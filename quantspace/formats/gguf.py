@@ -194,7 +194,7 @@ class GGUF:
 
     def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
         self.check_architecture(config)
-        check_ternary(config, [v for v in variants if VARIANTS[v].ternary])
+        check_ternary(config, [v for v in variants if v in VARIANTS and VARIANTS[v].ternary])
 
     def check_variants(self, variants: list[str]) -> list[str]:
         return pick_variants("GGUF", variants, VARIANTS)
