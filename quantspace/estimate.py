@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import BadOptionError
-from .formats import TensorStats, get_format
+from .formats import TensorStats, check_options, get_format
 from .source import HUB_ERRORS, SourceInfo, hub_error, resolve
 from .weights import all_entries
 
@@ -39,11 +39,13 @@ def tensor_shapes(info: SourceInfo, token: str | None) -> dict[str, tuple[int, .
 
 
 def estimate(source: str, method: str = "gguf", variants: list[str] | None = None, token: str | None = None,
-             info: SourceInfo | None = None) -> Estimate:
+             info: SourceInfo | None = None, options: dict | None = None) -> Estimate:
+    """Sizes per variant; `options` are the method's own (GGUF's per-tensor types change its sizes)."""
     fmt = get_format(method)
     # Without a choice, every variant (a method may allow only one per run, but all can be estimated).
     chosen = fmt.check_variants(variants) if variants else list(fmt.variants)
+    opts = check_options(fmt, options, chosen if variants else None)
     info = info or resolve(source, token=token)
     fmt.check_architecture(info.config)
-    stats = TensorStats(tensor_shapes(info, token), info.config, info.files)
+    stats = TensorStats(tensor_shapes(info, token), info.config, info.files, opts)
     return Estimate(info.display, info.architecture, stats.total, info.weight_bytes, fmt.estimate(stats, chosen))

@@ -127,7 +127,7 @@ def quantize(
     if reason:
         raise BadOptionError(f"{fmt.name} is not available here: {reason}")
     chosen = fmt.check_variants(names)
-    opts = check_options(fmt, options)
+    opts = check_options(fmt, options, chosen)
     device = resolve_device(device, fmt)
     settings = EvalSettings(ctx=ctx, max_chunks=max_chunks)   # validates the options
     text = None if no_eval else load_eval_text(eval_text)

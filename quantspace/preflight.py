@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import QuantSpaceError
-from .formats import get_format
+from .formats import check_options, get_format
 from .report import format_size
 from .source import on_space  # noqa: F401  (the UI asks here)
 
@@ -101,9 +101,10 @@ def eval_scratch_bytes(config: dict[str, Any], ctx: int = 512, max_chunks: int =
 
 
 def preflight(source: str, method: str = "gguf", variants: list[str] | None = None, token: str | None = None,
-              evaluate: bool = True, target: str | None = None, hardware: Hardware | None = None) -> PreflightResult:
-    """Check `source` for `method` (and the push `target`) before any weight download; never raises for the
-    user's input: every problem is a sentence in `problems`."""
+              evaluate: bool = True, target: str | None = None, hardware: Hardware | None = None,
+              options: dict[str, Any] | None = None) -> PreflightResult:
+    """Check `source` for `method` (and the push `target`, the method's `options`) before any weight download;
+    never raises for the user's input: every problem is a sentence in `problems`."""
     result = PreflightResult(source=(source or "").strip(), method=method, variants=list(variants or []))
     try:
         fmt = get_format(method)
@@ -119,6 +120,11 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
     except QuantSpaceError as exc:
         result.problems.append(str(exc))
         result.variants = []
+    try:
+        options = check_options(fmt, options, result.variants)
+    except QuantSpaceError as exc:
+        result.problems.append(str(exc))
+        options = None   # the sizes below are then llama.cpp's own choice
 
     from .estimate import estimate
     from .hub import check_target
@@ -153,7 +159,8 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
     except QuantSpaceError as exc:
         result.problems.append(str(exc))
     try:
-        est = estimate(result.source, fmt.name, result.variants or list(fmt.default_variants), token=token, info=info)
+        est = estimate(result.source, fmt.name, result.variants or list(fmt.default_variants), token=token, info=info,
+                       options=options)
     except QuantSpaceError as exc:
         result.problems.append(str(exc))
         return result

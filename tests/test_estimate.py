@@ -1,10 +1,11 @@
 """Size estimates against the files llama.cpp really writes: per-tensor types first, then whole-file sizes.
 
 Every GGUF variant is made for real (one F16 intermediate per model, through the format's own produce()) on
-tiny models with all their rows a multiple of 256 (tiny_bpe, tiny_qwen2), on an odd-shaped tiny model that
-forces llama.cpp's fallbacks (hidden 160, FFN 400: Q5_0/Q5_1/Q8_0 and F16 instead of K-quants), and on the
-real SmolLM2-135M (hidden 576, tied embeddings, 30 layers). About 4 minutes on 2 busy cores, most of it SmolLM2
-(converting it twice, ten quantizations of ~5 s, and reading each file's header back).
+tiny models with all their rows a multiple of 256 (tiny_bpe, tiny_qwen2, and a 16-layer one where the
+layer-dependent rules show), on an odd-shaped tiny model that forces llama.cpp's fallbacks (hidden 160, FFN 400:
+Q5_0/Q5_1/Q8_0, IQ4_NL and F16 instead of K- and IQ-quants), and on the real SmolLM2-135M (hidden 576, tied
+embeddings, 30 layers). The variants llama.cpp makes only with an importance matrix (IQ3_XS ... IQ1_S) are
+quantized from the same F16 file with an all-ones one (tests.test_gguf_types), and predicted with one.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import gguf
 import pytest
 
 from quantspace.estimate import estimate, tensor_shapes
-from quantspace.formats import Context, get_format
+from quantspace.formats import Context, TensorStats, get_format
 from quantspace.formats.gguf import VARIANTS
 from quantspace.converter.tensor_types import choose_types, f16_tensors, model_facts
 from quantspace.source import resolve
+from tests.test_gguf_types import quantize_with_ones_imatrix
 
 GGUF_VARIANTS = get_format("gguf").variants
 TOLERANCE = 0.03
@@ -53,13 +55,20 @@ ODD = dict(hidden_size=160, intermediate_size=400, num_hidden_layers=16, num_att
 # 80 layers with grouped-query attention: llama.cpp takes it for a 70B model and gives attn_v more bits.
 DEEP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=80, num_attention_heads=4,
             num_key_value_heads=1, tie_word_embeddings=False)
+# 16 layers whose rows all split into 256-weight blocks, no grouped-query attention: the per-layer rules of the
+# K- and IQ-quants without any fallback in the way.
+LAYERED = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=16, num_attention_heads=4,
+               num_key_value_heads=4, tie_word_embeddings=False)
+MODELS = ("tiny_bpe", "tiny_qwen2", "tiny_odd", "tiny_deep", "tiny_layered", "smollm2")
 
 
 @pytest.fixture(scope="module")
 def models(tiny_bpe, tiny_qwen2, smollm2, tmp_path_factory) -> dict[str, Path]:
     odd = tiny_llama(tmp_path_factory.mktemp("odd") / "tiny-odd", tiny_bpe, **ODD)
     deep = tiny_llama(tmp_path_factory.mktemp("deep") / "tiny-deep", tiny_bpe, **DEEP)
-    return {"tiny_bpe": tiny_bpe, "tiny_qwen2": tiny_qwen2, "tiny_odd": odd, "tiny_deep": deep, "smollm2": smollm2}
+    layered = tiny_llama(tmp_path_factory.mktemp("layered") / "tiny-layered", tiny_bpe, **LAYERED)
+    return {"tiny_bpe": tiny_bpe, "tiny_qwen2": tiny_qwen2, "tiny_odd": odd, "tiny_deep": deep,
+            "tiny_layered": layered, "smollm2": smollm2}
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +77,18 @@ def made(models, tmp_path_factory) -> dict[tuple[str, str], Path]:
     fmt = get_format("gguf")
     out: dict[tuple[str, str], Path] = {}
     for key, src in models.items():
-        variants = list(GGUF_VARIANTS)
+        variants = [v for v in GGUF_VARIANTS if not VARIANTS[v].needs_imatrix]
         folder = tmp_path_factory.mktemp(key)
         for o in fmt.produce(src, folder, key, variants, Context(stage=_no_progress)):
             out[key, o.variant] = o.path
+        for v in GGUF_VARIANTS:
+            if VARIANTS[v].needs_imatrix:
+                out[key, v] = folder / f"{key}-{v}.gguf"
+                quantize_with_ones_imatrix(out[key, "F16"], out[key, v], VARIANTS[v].ftype)
     return out
 
 
-CASES = [(m, v) for m in ("tiny_bpe", "tiny_qwen2", "tiny_odd", "tiny_deep", "smollm2") for v in GGUF_VARIANTS]
+CASES = [(m, v) for m in MODELS for v in GGUF_VARIANTS]
 
 
 def _written_types(path: Path) -> dict[str, gguf.GGMLQuantizationType]:
@@ -91,7 +104,8 @@ def test_predicted_types_are_what_llama_cpp_wrote(models, made, model, variant):
         wide = gguf.GGMLQuantizationType[variant]
         predicted = {n: wide if t == gguf.GGMLQuantizationType.F16 else t for n, (_, t) in tensors.items()}
     else:
-        predicted = choose_types(tensors, VARIANTS[variant].ftype, model_facts(info.config))
+        predicted = choose_types(tensors, VARIANTS[variant].ftype, model_facts(info.config),
+                                 imatrix=VARIANTS[variant].needs_imatrix)
     written = _written_types(made[model, variant])
     assert set(predicted) == set(written)
     wrong = {n: (predicted[n].name, written[n].name) for n in written if predicted[n] != written[n]}
@@ -101,7 +115,12 @@ def test_predicted_types_are_what_llama_cpp_wrote(models, made, model, variant):
 @pytest.mark.parametrize("model,variant", CASES)
 def test_size_estimate_within_3_percent(models, made, model, variant):
     """The estimate a user sees before any download is within 3% of the file llama.cpp writes."""
-    est = estimate(str(models[model]), "gguf", [variant]).sizes[variant]
+    if VARIANTS[variant].needs_imatrix:   # as the run will quantize it: with an importance matrix
+        info = resolve(str(models[model]))
+        stats = TensorStats(tensor_shapes(info, None), info.config, info.files, {"imatrix": "auto"})
+        est = get_format("gguf").estimate(stats, [variant])[variant]
+    else:
+        est = estimate(str(models[model]), "gguf", [variant]).sizes[variant]
     real = made[model, variant].stat().st_size
     assert abs(est - real) <= TOLERANCE * real, f"{model} {variant}: estimated {est}, wrote {real} " \
                                                 f"({(est - real) / real:+.1%})"
@@ -118,6 +137,12 @@ def test_the_rules_are_exercised(models, made):
     deep = _written_types(made["tiny_deep", "Q4_K_S"])
     assert deep["blk.79.attn_v.weight"] == Q.Q5_1                        # 70B rule: Q5_K, which falls back
     assert deep["blk.79.attn_k.weight"] == Q.Q5_0
+    wide = {v: _written_types(made["tiny_layered", v]) for v in ("IQ2_XXS", "IQ3_XS", "IQ3_XXS", "IQ2_M")}
+    assert wide["IQ2_XXS"]["blk.1.ffn_down.weight"] == Q.Q2_K != wide["IQ2_XXS"]["blk.2.ffn_down.weight"]
+    assert wide["IQ2_XXS"]["token_embd.weight"] == Q.Q2_K and wide["IQ2_XXS"]["output.weight"] == Q.Q5_K
+    assert wide["IQ3_XS"]["blk.1.ffn_up.weight"] == Q.IQ3_S != wide["IQ3_XS"]["blk.2.ffn_up.weight"]
+    assert wide["IQ3_XXS"]["blk.0.attn_k.weight"] == Q.IQ2_S and wide["IQ2_M"]["blk.0.attn_v.weight"] == Q.IQ3_S
+    assert set(_written_types(made["tiny_odd", "IQ2_XXS"]).values()) >= {Q.IQ4_NL, Q.F16}   # IQ fallbacks
 
 
 

@@ -4,12 +4,14 @@ llama.cpp does not write one type per file: it bumps some tensors up (attn_v, ff
 layers, the output matrix), and a tensor whose rows do not split into whole blocks falls back to a type with
 smaller blocks (SmolLM2's hidden size 576 is not a multiple of 256, so its K-quants become Q5_0, Q8_0...).
 The rules below are those of the llama.cpp vendored in llama-cpp-python 0.3.36 (src/llama-quant.cpp,
-`llama_tensor_get_type`), written as data, for dense models without an importance matrix.
+`llama_tensor_get_type`), written as data: every file type, with or without an importance matrix (a few rules
+depend on it), with a user's per-tensor overrides (output/token-embedding type, regex → type patterns).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,12 +26,21 @@ Q = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
 ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
 
-# The type most 2-D weights get, per file type.
+# The type most 2-D weights get, per file type (llama_ftype_get_default_type).
 DEFAULT_TYPE: dict[F, Q] = {
-    F.MOSTLY_F16: Q.F16, F.MOSTLY_BF16: Q.BF16, F.MOSTLY_Q8_0: Q.Q8_0, F.MOSTLY_Q4_0: Q.Q4_0,
+    F.MOSTLY_F16: Q.F16, F.MOSTLY_BF16: Q.BF16, F.MOSTLY_Q8_0: Q.Q8_0,
+    F.MOSTLY_Q4_0: Q.Q4_0, F.MOSTLY_Q4_1: Q.Q4_1, F.MOSTLY_Q5_0: Q.Q5_0, F.MOSTLY_Q5_1: Q.Q5_1,
     F.MOSTLY_Q6_K: Q.Q6_K, F.MOSTLY_Q5_K_M: Q.Q5_K, F.MOSTLY_Q5_K_S: Q.Q5_K, F.MOSTLY_Q4_K_M: Q.Q4_K,
-    F.MOSTLY_Q4_K_S: Q.Q4_K, F.MOSTLY_Q3_K_M: Q.Q3_K, F.MOSTLY_Q3_K_S: Q.Q3_K, F.MOSTLY_Q2_K: Q.Q2_K,
+    F.MOSTLY_Q4_K_S: Q.Q4_K, F.MOSTLY_Q3_K_L: Q.Q3_K, F.MOSTLY_Q3_K_M: Q.Q3_K, F.MOSTLY_Q3_K_S: Q.Q3_K,
+    F.MOSTLY_Q2_K: Q.Q2_K,
+    F.MOSTLY_IQ4_XS: Q.IQ4_XS, F.MOSTLY_IQ4_NL: Q.IQ4_NL, F.MOSTLY_IQ3_M: Q.IQ3_S, F.MOSTLY_IQ3_S: Q.IQ3_S,
+    F.MOSTLY_IQ3_XS: Q.IQ3_S, F.MOSTLY_IQ3_XXS: Q.IQ3_XXS, F.MOSTLY_IQ2_M: Q.IQ2_S, F.MOSTLY_IQ2_S: Q.IQ2_XS,
+    F.MOSTLY_IQ2_XS: Q.IQ2_XS, F.MOSTLY_IQ2_XXS: Q.IQ2_XXS, F.MOSTLY_IQ1_M: Q.IQ1_M, F.MOSTLY_IQ1_S: Q.IQ1_S,
+    F.MOSTLY_TQ1_0: Q.TQ1_0, F.MOSTLY_TQ2_0: Q.TQ2_0,
 }
+
+# Tensor types llama.cpp refuses to write without an importance matrix (except as token_embd/output).
+IMATRIX_TYPES = frozenset({Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS})
 
 
 @dataclass(frozen=True)
@@ -38,44 +49,129 @@ class ModelFacts:
     n_layer: int
     n_gqa: int = 1            # attention heads per KV head
     is_70b: bool = False      # llama.cpp's LLM_TYPE_70B (80 layers): attn_v gets more bits
+    n_expert: int = 0         # experts per MoE layer (Mixtral's 8 get their own bumps)
 
 
-# GGUF name → (shape in PyTorch order, i.e. a row is the last dimension; type in the file)
+@dataclass(frozen=True)
+class Overrides:
+    """A user's per-tensor choices, as llama.cpp's quantize params take them: output_tensor_type,
+    token_embedding_type and tt_overrides (regex → type, the first match wins)."""
+    output: Q | None = None
+    embedding: Q | None = None
+    patterns: tuple[tuple[str, Q], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.output or self.embedding or self.patterns)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A tensor as llama.cpp's rules see it."""
+    i: int              # its index among the tensors of its role (their layer, for FFN tensors of a MoE)
+    count: int          # llama.cpp's raw counter for its role (the IQ1/IQ2 ffn_down rule reads it)
+    n: int              # attn_v: how many there are; FFN: the layer count
+    model: ModelFacts
+    imatrix: bool       # llama.cpp is given an importance matrix
+
+
+# Tensors in the file as a mapping: GGUF name → (shape in PyTorch order, i.e. a row is the last dimension; type)
 Tensors = dict[str, tuple[tuple[int, ...], Q]]
 
-# A layer rule's condition: (layer index i, layer count n, model) → applies?
-Cond = Callable[[int, int, ModelFacts], bool]
+# A rule's condition: where the tensor is → applies?
+Cond = Callable[[Site], bool]
 
 
-def more_bits(i: int, n: int, m: ModelFacts) -> bool:
+def more_bits(i: int, n: int) -> bool:
     """The first and last eighth of the layers, and every third layer between them."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 CONDITIONS: dict[str, Cond] = {
-    "all": lambda i, n, m: True,
-    "more_bits": more_bits,
-    "first_2": lambda i, n, m: i < 2,
-    "first_4": lambda i, n, m: i < 4,
-    "first_eighth": lambda i, n, m: i < n // 8,
-    "first_sixteenth": lambda i, n, m: i < n // 16,
-    "gqa_4": lambda i, n, m: m.n_gqa >= 4,
+    "all": lambda s: True,
+    "more_bits": lambda s: more_bits(s.i, s.n),
+    "first_2": lambda s: s.i < 2,
+    "first_4": lambda s: s.i < 4,
+    "first_eighth": lambda s: s.i < s.n // 8,
+    "first_sixteenth": lambda s: s.i < s.n // 16,
+    "middle": lambda s: s.n // 8 <= s.i < 7 * s.n // 8,
+    "counted_first_eighth": lambda s: s.count < s.n // 8,
+    "gqa_4": lambda s: s.model.n_gqa >= 4,
+    "gqa_4_or_experts_4": lambda s: s.model.n_gqa >= 4 or s.model.n_expert >= 4,
+    "experts_8": lambda s: s.model.n_expert == 8,
+    "not_experts_8": lambda s: s.model.n_expert != 8,
+    "experts_8_more_bits": lambda s: s.model.n_expert == 8 and more_bits(s.i, s.n),
+    "no_imatrix": lambda s: not s.imatrix,
+    "no_imatrix_first_eighth": lambda s: not s.imatrix and s.i < s.n // 8,
+    "imatrix_first_eighth": lambda s: s.imatrix and s.i < s.n // 8,
 }
 
-# file type → [(tensor role, condition, type)]: the first rule of a role whose condition holds wins.
-LAYER_RULES: dict[F, list[tuple[str, str, Q]]] = {
-    F.MOSTLY_Q2_K: [("attn_v", "gqa_4", Q.Q4_K), ("attn_v", "all", Q.Q3_K),
-                    ("ffn_down", "all", Q.Q3_K), ("attn_output", "all", Q.Q3_K)],
-    F.MOSTLY_Q3_K_M: [("attn_v", "first_2", Q.Q5_K), ("attn_v", "all", Q.Q4_K),
-                      ("ffn_down", "first_sixteenth", Q.Q5_K), ("ffn_down", "all", Q.Q4_K),
-                      ("attn_output", "all", Q.Q4_K)],
-    F.MOSTLY_Q4_K_S: [("attn_v", "first_4", Q.Q5_K), ("ffn_down", "first_eighth", Q.Q5_K)],
-    F.MOSTLY_Q4_K_M: [("attn_v", "more_bits", Q.Q6_K), ("ffn_down", "more_bits", Q.Q6_K)],
-    F.MOSTLY_Q5_K_M: [("attn_v", "more_bits", Q.Q6_K), ("ffn_down", "more_bits", Q.Q6_K)],
+# Rules: tensor role → [(condition, type)], the first whose condition holds wins; no rule keeps the default.
+Rules = dict[str, list[tuple[str, Q]]]
+E8 = ("experts_8", Q.Q5_K)   # attn_output of an 8-expert model, for most file types
+
+# The 1- and 2-bit IQ file types have their own branch in llama.cpp.
+IQ_LOW = (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M)
+
+
+def _iq_low_rules(ftype: F) -> Rules:
+    wider = Q.IQ3_S if ftype in (F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M) else Q.Q2_K
+    output = {F.MOSTLY_IQ1_S: Q.IQ2_XXS, F.MOSTLY_IQ1_M: Q.IQ2_XXS,
+              F.MOSTLY_IQ2_S: Q.IQ3_S, F.MOSTLY_IQ2_M: Q.IQ3_S}.get(ftype)
+    return {"attn_v": [("gqa_4_or_experts_4", Q.Q4_K), ("all", wider)],
+            "attn_k": [("experts_8", Q.Q4_K)],
+            "ffn_down": [("counted_first_eighth", wider)],
+            "attn_output": [E8] + ([("all", output)] if output else [])}
+
+
+RULES: dict[F, Rules] = {
+    F.MOSTLY_Q2_K: {"attn_v": [("gqa_4", Q.Q4_K), ("all", Q.Q3_K)], "ffn_down": [("all", Q.Q3_K)],
+                    "attn_output": [E8, ("all", Q.Q3_K)]},
+    F.MOSTLY_Q3_K_S: {"attn_output": [E8]},
+    F.MOSTLY_Q3_K_M: {"attn_v": [("first_2", Q.Q5_K), ("all", Q.Q4_K)],
+                      "ffn_down": [("first_sixteenth", Q.Q5_K), ("all", Q.Q4_K)],
+                      "attn_output": [E8, ("all", Q.Q4_K)]},
+    F.MOSTLY_Q3_K_L: {"attn_v": [("all", Q.Q5_K)], "ffn_down": [("all", Q.Q5_K)],
+                      "attn_output": [("not_experts_8", Q.Q5_K)]},
+    F.MOSTLY_Q4_K_S: {"attn_v": [("first_4", Q.Q5_K)], "ffn_down": [("first_eighth", Q.Q5_K)],
+                      "attn_output": [E8]},
+    F.MOSTLY_Q4_K_M: {"attn_v": [("more_bits", Q.Q6_K)], "ffn_down": [("more_bits", Q.Q6_K)], "attn_output": [E8]},
+    F.MOSTLY_Q5_K_M: {"attn_v": [("more_bits", Q.Q6_K)], "ffn_down": [("more_bits", Q.Q6_K)]},
+    # With an imatrix, the first ffn_down layers get the _1 type (llama.cpp: "guard against craziness").
+    F.MOSTLY_Q4_0: {"ffn_down": [("imatrix_first_eighth", Q.Q4_1)]},
+    F.MOSTLY_Q5_0: {"ffn_down": [("imatrix_first_eighth", Q.Q5_1)]},
+    F.MOSTLY_IQ4_NL: {"attn_v": [("gqa_4", Q.Q5_K)], "ffn_down": [("no_imatrix_first_eighth", Q.Q5_K)],
+                      "attn_output": [E8]},
+    F.MOSTLY_IQ4_XS: {"attn_v": [("gqa_4", Q.Q5_K)], "ffn_down": [("no_imatrix_first_eighth", Q.Q5_K)],
+                      "attn_output": [E8]},
+    F.MOSTLY_IQ3_M: {"attn_v": [("all", Q.Q4_K)],
+                     "ffn_down": [("first_eighth", Q.Q4_K), ("experts_8_more_bits", Q.Q4_K)],
+                     "attn_output": [E8, ("all", Q.Q4_K)]},
+    F.MOSTLY_IQ3_S: {"attn_v": [("gqa_4", Q.Q4_K)], "attn_output": [E8]},
+    F.MOSTLY_IQ3_XS: {"attn_v": [("gqa_4", Q.Q4_K)], "attn_k": [("all", Q.IQ3_XXS)], "attn_q": [("all", Q.IQ3_XXS)],
+                      "ffn_gate": [("middle", Q.IQ3_XXS)], "ffn_up": [("middle", Q.IQ3_XXS)], "attn_output": [E8]},
+    F.MOSTLY_IQ3_XXS: {"attn_v": [("gqa_4", Q.Q4_K), ("no_imatrix", Q.IQ3_S)],
+                       "attn_k": [("all", Q.IQ2_S)], "attn_q": [("all", Q.IQ2_S)],
+                       "ffn_down": [("no_imatrix_first_eighth", Q.Q4_K), ("no_imatrix", Q.Q3_K)],
+                       "attn_output": [E8, ("all", Q.IQ3_S)]},
+    **{f: _iq_low_rules(f) for f in IQ_LOW},
 }
 
-# A type whose block does not divide a row's length falls back to one with 32-element blocks.
-FALLBACK: dict[Q, Q] = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+# An untied token embedding's type, where it is not the file type's own.
+EMBEDDING_TYPE: dict[F, Q] = {
+    F.MOSTLY_IQ2_XXS: Q.Q2_K, F.MOSTLY_IQ2_XS: Q.Q2_K, F.MOSTLY_IQ1_S: Q.Q2_K, F.MOSTLY_IQ1_M: Q.Q2_K,
+    F.MOSTLY_IQ2_S: Q.IQ3_S, F.MOSTLY_IQ2_M: Q.IQ3_S, F.MOSTLY_IQ3_XXS: Q.IQ3_S,
+    F.MOSTLY_TQ1_0: Q.Q4_K, F.MOSTLY_TQ2_0: Q.Q4_K,
+}
+# File types whose output matrix gets 5 bits rather than 6.
+OUTPUT_Q5_K = (*IQ_LOW, F.MOSTLY_IQ3_XXS)
+
+# A type whose block does not divide a row's length falls back to one with 32-element blocks (32-block types
+# that still do not fit become F16).
+FALLBACK: dict[Q, Q] = {
+    Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.TQ1_0: Q.Q4_0, Q.TQ2_0: Q.Q4_0,
+    Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
+    **{t: Q.IQ4_NL for t in (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS)},
+}
 
 
 def block_size(t: Q) -> int:
@@ -90,10 +186,10 @@ def role(name: str) -> str:
     """llama.cpp's tensor category, from the GGUF name."""
     if name == "output.weight":
         return "output"
-    if name == "token_embd.weight":
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
         return "token_embd"
-    if ".attn_qkv.weight" in name:
-        return "attn_v"   # a fused q/k/v (Phi-3) gets the value projection's rules (measured on Q4_K_M)
+    if ".attn_qkv.weight" in name or ".attn_kv_b.weight" in name:
+        return "attn_v"   # a fused q/k/v (Phi-3) gets the value projection's rules
     for part in ("attn_v", "attn_k", "attn_q", "attn_output"):
         if f".{part}.weight" in name:
             return part
@@ -104,8 +200,9 @@ def role(name: str) -> str:
 
 
 def quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    """llama.cpp quantizes 2-D (and 3-D) weights only, never norms; the rest keeps its type."""
-    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
+    """llama.cpp quantizes 2-D (and 3-D) weights only, never norms or a MoE router; the rest keeps its type."""
+    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name \
+        and "ffn_gate_inp.weight" not in name
 
 
 def layer_of(name: str) -> int | None:
@@ -122,34 +219,68 @@ def fallback(t: Q, n_cols: int) -> Q:
     return t if n_cols % block_size(t) == 0 else Q.F16
 
 
-def choose_types(tensors: Tensors, ftype: F, model: ModelFacts) -> dict[str, Q]:
-    """GGUF name → the type llama.cpp writes when it quantizes the F16 file `tensors` to `ftype`."""
+def file_order(names: Any) -> list[str]:
+    """llama.cpp's quantizer walks tensors by layer (non-layer tensors first), then by name."""
+    return sorted(names, key=lambda n: (-1 if layer_of(n) is None else layer_of(n), n))
+
+
+def choose_types(tensors: Tensors, ftype: F, model: ModelFacts, imatrix: bool = False,
+                 overrides: Overrides = Overrides()) -> dict[str, Q]:
+    """GGUF name → the type llama.cpp writes when it quantizes the F16 file `tensors` to `ftype` (with an
+    importance matrix or not, with the user's per-tensor overrides)."""
     default = DEFAULT_TYPE[ftype]
-    rules = LAYER_RULES.get(ftype, [])
     tied = "output.weight" not in tensors
-    counts = {r: sum(role(n) == r for n in tensors) for r in ("attn_v", "ffn_down")}
+    n_attn_v = sum(role(n) == "attn_v" for n in tensors)
+    counters: dict[str, int] = {}
+    patterns = [(re.compile(p), t) for p, t in overrides.patterns]
     out: dict[str, Q] = {}
-    for name, (shape, current) in tensors.items():
-        if not quantizable(name, shape) or not is_quantized(default):
-            out[name] = current
-            continue
-        n_cols = shape[-1]
+    for name in file_order(tensors):
+        shape, current = tensors[name]
         kind = role(name)
-        t = default
-        if kind == "output" or (tied and kind == "token_embd"):
-            # The output matrix gets 6 bits (Q8_0 stays); Q8_0 too when the default type's blocks do not fit.
-            t = Q.Q8_0 if n_cols % block_size(default) or default == Q.Q8_0 else Q.Q6_K
+        if not quantizable(name, shape):
+            out[name] = current
+        elif kind == "token_embd" and overrides.embedding:
+            out[name] = overrides.embedding   # given types are written as they are, without a fallback
+        elif kind == "output" and overrides.output:
+            out[name] = overrides.output
+        elif not is_quantized(default):
+            out[name] = default
         else:
-            # llama.cpp counts attn_v tensors in file order; ffn_down's count is the layer count.
-            i, n = layer_of(name), model.n_layer if kind == "ffn_down" else counts.get(kind, 0)
-            for rule_role, cond, rule_type in rules:
-                if rule_role == kind and i is not None and CONDITIONS[cond](i, n, model):
-                    t = rule_type
-                    break
-            if kind == "attn_v" and model.is_70b and t in (Q.Q3_K, Q.Q4_K):
-                t = Q.Q5_K
-        out[name] = fallback(t, n_cols)
-    return out
+            t = next((t for p, t in patterns if p.search(name)), None)
+            if t is None:
+                t = _rule_type(name, shape[-1], kind, ftype, model, imatrix, overrides, tied, counters, n_attn_v)
+            out[name] = fallback(t, shape[-1])
+    return {n: out[n] for n in tensors}
+
+
+def _rule_type(name: str, n_cols: int, kind: str, ftype: F, model: ModelFacts, imatrix: bool, overrides: Overrides,
+               tied: bool, counters: dict[str, int], n_attn_v: int) -> Q:
+    """llama.cpp's own choice for one tensor (llama_tensor_get_type_impl); advances its per-role counter."""
+    default = DEFAULT_TYPE[ftype]
+    if kind == "output" or (tied and kind == "token_embd"):
+        if overrides.output:
+            return overrides.output
+        # 6 bits (5 for the lowest IQ types; Q8_0 stays); Q8_0 when the default type's blocks do not fit a row.
+        if n_cols % block_size(default) or default == Q.Q8_0:
+            return Q.Q8_0
+        return Q.Q5_K if ftype in OUTPUT_Q5_K else Q.Q6_K
+    if kind == "token_embd":
+        return EMBEDDING_TYPE.get(ftype, default)
+    if kind not in ("attn_v", "attn_k", "attn_q", "attn_output", "ffn_down", "ffn_gate", "ffn_up"):
+        return default
+    count = counters.get(kind, 0)
+    if kind in ("attn_v", "ffn_down", "ffn_gate", "ffn_up"):
+        counters[kind] = count + 1
+    layer = layer_of(name)
+    # FFN tensors of a MoE are placed by their layer (experts and shared experts share one), others by count.
+    i = layer if kind.startswith("ffn") and model.n_expert > 1 and layer is not None else count
+    site = Site(i, count, n_attn_v if kind == "attn_v" else model.n_layer, model, imatrix)
+    t = next((t for cond, t in RULES.get(ftype, {}).get(kind, []) if CONDITIONS[cond](site)), default)
+    if ftype not in IQ_LOW and kind == "attn_v" and model.is_70b and t in (Q.Q3_K, Q.Q4_K):
+        t = Q.Q5_K   # llama.cpp's 70B rule: 8 heads share attn_v, so more bits cost little
+    if ftype not in IQ_LOW and kind in ("attn_v", "attn_k") and model.n_expert == 8:
+        t = Q.Q8_0   # Mixtral-style 8 experts: llama.cpp spends ~128 MB on these
+    return t
 
 
 def tensor_bytes(shape: tuple[int, ...], t: Q) -> int:
@@ -187,7 +318,13 @@ def model_facts(config: dict[str, Any]) -> ModelFacts:
     _, spec = arch_of(config)
     # llama.cpp calls 80-layer models 70B (Llama only with grouped-query attention).
     is_70b = hp.n_layer == 80 and (spec.gguf_arch != gguf.MODEL_ARCH.LLAMA or hp.n_head != hp.n_head_kv)
-    return ModelFacts(hp.n_layer, max(1, hp.n_head // hp.n_head_kv), is_70b)
+    return ModelFacts(hp.n_layer, max(1, hp.n_head // hp.n_head_kv), is_70b, n_experts(config))
+
+
+def n_experts(config: dict[str, Any]) -> int:
+    """Experts per MoE layer (llama.cpp's expert_count), 0 for a dense model."""
+    text = config.get("text_config") or config
+    return int(text.get("num_local_experts") or text.get("num_experts") or text.get("n_routed_experts") or 0)
 
 
 # For files llama.cpp's converter makes: HF name endings → the GGUF names the type rules look at.
@@ -217,8 +354,8 @@ def generic_f16_tensors(shapes: dict[str, tuple[int, ...]], config: dict[str, An
 def generic_model_facts(config: dict[str, Any]) -> ModelFacts:
     text = config.get("text_config") or config
     heads = int(text.get("num_attention_heads") or 1)
-    return ModelFacts(int(text.get("num_hidden_layers") or 1), max(1, heads // int(text.get("num_key_value_heads")
-                                                                                 or heads)))
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    return ModelFacts(int(text.get("num_hidden_layers") or 1), max(1, heads // kv_heads), n_expert=n_experts(config))
 
 
 # The key/value part of the header, from what is known before download (config.json, the sizes of the

@@ -56,6 +56,7 @@ class TensorStats:
     shapes: dict[str, tuple[int, ...]]                            # HF tensor name → shape
     config: dict[str, Any] = field(default_factory=dict)          # the source's config.json
     files: dict[str, int | None] = field(default_factory=dict)    # source file name → bytes (tokenizer files...)
+    options: dict[str, Any] = field(default_factory=dict)         # the format's options, when sizes depend on them
 
     @property
     def matrix_params(self) -> dict[str, int]:
@@ -81,6 +82,7 @@ class Option:
     choices: tuple[Any, ...] | None = None
     minimum: float | None = None     # for numbers
     label: str | None = None         # for the page; default: the name in words
+    advanced: bool = False           # the page puts it in its format's "Advanced" section
 
     @property
     def flag(self) -> str:
@@ -194,8 +196,9 @@ def pick_variants(method: str, given: list[str], known: Iterable[str], one_per_r
     return chosen
 
 
-def check_options(fmt: Format, given: dict[str, Any] | None) -> dict[str, Any]:
-    """The format's options with defaults filled in; BadOptionError names the bad one."""
+def check_options(fmt: Format, given: dict[str, Any] | None, variants: list[str] | None = None) -> dict[str, Any]:
+    """The format's options with defaults filled in; BadOptionError names the bad one. With the chosen
+    variants, a format may also refuse values they cannot use together (its optional `check_choice`)."""
     given = dict(given or {})
     known = {o.name: o for o in fmt.options}
     unknown = sorted(set(given) - set(known))
@@ -222,6 +225,9 @@ def check_options(fmt: Format, given: dict[str, Any] | None) -> dict[str, Any]:
         if opt.minimum is not None and value < opt.minimum:
             raise BadOptionError(f"Option {opt.name} of {fmt.name} must be at least {opt.minimum}; got {value!r}.")
         out[opt.name] = value
+    check_choice = getattr(fmt, "check_choice", None)
+    if check_choice is not None and variants is not None:
+        check_choice(out, variants)
     return out
 
 

@@ -19,9 +19,11 @@ from ..converter.streaming import HParams, convert
 from ..errors import QuantizeError, UnsupportedArchitectureError
 from ..imatrix import IMATRIX_NAME
 from ..multimodal import is_multimodal, text_config, tower_of
-from ..converter.tensor_types import (choose_types, f16_tensors, file_bytes, generic_f16_tensors, generic_model_facts,
-                          kv_bytes, model_facts)
+from ..converter.tensor_types import (Overrides, choose_types, f16_tensors, file_bytes, generic_f16_tensors,
+                                     generic_model_facts, kv_bytes, model_facts)
 from . import Context, Option, Output, TensorStats, Tick, pick_variants, run_directly
+from .gguf_types import (TYPE_OPTIONS, apply_overrides, check_fit, check_imatrix, check_ternary, overrides_of,
+                         recipe)
 
 if TYPE_CHECKING:
     from ..evaluate import Metrics, Reference
@@ -36,22 +38,43 @@ class Variant:
     """A llama.cpp file type; which tensor gets which type is in converter.tensor_types (for size estimates)."""
     ftype: gguf.LlamaFileType
     summary: str = ""
+    needs_imatrix: bool = False   # llama.cpp refuses to write it without an importance matrix
+    ternary: bool = False         # weights stored as {-1, 0, +1} × scale: only BitNet-style models survive it
 
 
 F = gguf.LlamaFileType
+# Largest first. Sizes in the summaries are llama.cpp's own figures (quantize's help, Llama-3-8B) in bits/weight.
 VARIANTS: dict[str, Variant] = {
     "F16": Variant(F.MOSTLY_F16, "16-bit, reference quality"),
     "BF16": Variant(F.MOSTLY_BF16, "bfloat16, lossless for bf16 models"),
     "Q8_0": Variant(F.MOSTLY_Q8_0, "8-bit, near lossless"),
     "Q6_K": Variant(F.MOSTLY_Q6_K, "6-bit, very close to F16"),
+    "Q5_1": Variant(F.MOSTLY_Q5_1, "5-bit legacy with offsets; Q5_K_M is smaller and better"),
     "Q5_K_M": Variant(F.MOSTLY_Q5_K_M, "5-bit, high quality"),
     "Q5_K_S": Variant(F.MOSTLY_Q5_K_S, "5-bit, a little smaller"),
+    "Q5_0": Variant(F.MOSTLY_Q5_0, "5-bit legacy"),
+    "Q4_1": Variant(F.MOSTLY_Q4_1, "4-bit legacy with offsets"),
     "Q4_K_M": Variant(F.MOSTLY_Q4_K_M, "4-bit, the usual choice"),
+    "IQ4_NL": Variant(F.MOSTLY_IQ4_NL, "4.5-bit non-linear, 32-weight blocks"),
     "Q4_K_S": Variant(F.MOSTLY_Q4_K_S, "4-bit, smaller"),
     "Q4_0": Variant(F.MOSTLY_Q4_0, "4-bit legacy, fast on ARM"),
+    "IQ4_XS": Variant(F.MOSTLY_IQ4_XS, "4.25-bit non-linear, near Q4_K_S quality, smaller"),
+    "Q3_K_L": Variant(F.MOSTLY_Q3_K_L, "3-bit with 5-bit attn_v/ffn_down, the best 3-bit K-quant"),
     "Q3_K_M": Variant(F.MOSTLY_Q3_K_M, "3-bit, noticeable loss"),
+    "IQ3_M": Variant(F.MOSTLY_IQ3_M, "3.66-bit IQ mix"),
+    "IQ3_S": Variant(F.MOSTLY_IQ3_S, "3.44-bit IQ"),
     "Q3_K_S": Variant(F.MOSTLY_Q3_K_S, "3-bit, smaller, more loss"),
+    "IQ3_XS": Variant(F.MOSTLY_IQ3_XS, "3.3-bit IQ", needs_imatrix=True),
+    "IQ3_XXS": Variant(F.MOSTLY_IQ3_XXS, "3.06-bit IQ", needs_imatrix=True),
     "Q2_K": Variant(F.MOSTLY_Q2_K, "2-bit, large loss"),
+    "IQ2_M": Variant(F.MOSTLY_IQ2_M, "2.7-bit IQ", needs_imatrix=True),
+    "IQ2_S": Variant(F.MOSTLY_IQ2_S, "2.5-bit IQ", needs_imatrix=True),
+    "IQ2_XS": Variant(F.MOSTLY_IQ2_XS, "2.31-bit IQ", needs_imatrix=True),
+    "IQ2_XXS": Variant(F.MOSTLY_IQ2_XXS, "2.06-bit IQ, very large loss", needs_imatrix=True),
+    "TQ2_0": Variant(F.MOSTLY_TQ2_0, "2.06-bit ternary, for BitNet b1.58 models only", ternary=True),
+    "IQ1_M": Variant(F.MOSTLY_IQ1_M, "1.75-bit IQ, extreme loss", needs_imatrix=True),
+    "TQ1_0": Variant(F.MOSTLY_TQ1_0, "1.69-bit ternary, for BitNet b1.58 models only", ternary=True),
+    "IQ1_S": Variant(F.MOSTLY_IQ1_S, "1.56-bit IQ, extreme loss", needs_imatrix=True),
 }
 DIRECT = {"F16": "F16", "BF16": "BF16"}   # variants our converter writes itself
 
@@ -92,16 +115,18 @@ def _tail(log: Path, lines: int = 5) -> str:
 
 
 def llama_quantize(src: Path, dst: Path, ftype: int, threads: int | None = None,
-                   imatrix: "Imatrix | None" = None) -> None:
+                   imatrix: "Imatrix | None" = None, overrides: Overrides = Overrides()) -> None:
     """Run llama.cpp's quantizer; writes dst atomically or raises QuantizeError with llama.cpp's reason.
     With an importance matrix, llama.cpp weighs each column's rounding error by it (as llama-quantize
-    --imatrix) and records where it came from in the file's quantize.imatrix.* keys."""
+    --imatrix) and records where it came from in the file's quantize.imatrix.* keys; `overrides` are the
+    user's per-tensor types."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = int(threads or os.cpu_count() or 1)
-    keep_alive = _with_imatrix(params, imatrix) if imatrix is not None else None   # C reads these during the call
+    keep_alive = [apply_overrides(params, overrides),   # llama.cpp reads these during the call
+                  _with_imatrix(params, imatrix) if imatrix is not None else None]
     tmp = dst.with_name(dst.name + ".partial")
     # Next to the output (a job's staging folder), so a killed run leaves nothing elsewhere.
     log = dst.with_name(f".{dst.name}.quantize.log")
@@ -164,6 +189,29 @@ def _with_imatrix(params: Any, imatrix: "Imatrix") -> list[Any]:
     return [names, values, data, overrides]
 
 
+def uses_imatrix(options: dict[str, Any], variant: str) -> bool:
+    """Whether llama.cpp gets an importance matrix for this variant (a few of its type rules depend on it):
+    the imatrix option is on ("auto" makes one for every variant under 8 bits, a path gives one). Without the
+    option at all (a version without imatrix support) none is given."""
+    if "imatrix" not in options or variant in DIRECT or variant == "Q8_0":
+        return False
+    return str(options["imatrix"] or "auto").strip().lower() != "off"
+
+
+def file_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """GGUF name → (shape with the row last, type), from a file's header."""
+    return {t.name: (tuple(int(n) for n in reversed(t.shape)), Q(t.tensor_type))
+            for t in gguf.GGUFReader(path).tensors}
+
+
+def type_counts(path: Path) -> dict[str, int]:
+    """How many tensors of each type the file holds: the recipe llama.cpp really applied (from the header)."""
+    counts: dict[str, int] = {}
+    for _, t in file_tensors(path).values():
+        counts[t.name] = counts.get(t.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 OURS, LLAMA_CPP = "QuantSpace's streaming converter", "llama.cpp's convert_hf_to_gguf.py"
 
 
@@ -190,6 +238,7 @@ class GGUF:
     title = "GGUF"
     eval_runtime = "GGUF (llama.cpp)"
     variants = tuple(VARIANTS)
+    summaries = {name: v.summary for name, v in VARIANTS.items()}   # the page shows them beside the names
     default_variants = ("Q4_K_M", "Q8_0")
     options: tuple[Option, ...] = (
         Option("imatrix", "auto", "importance matrix for the variants below 8 bits: auto (computed from the "
@@ -200,7 +249,7 @@ class GGUF:
                label="Calibration dataset (Hub id or file)"),
         Option("imatrix_chunks", 64, "imatrix calibration chunks", minimum=1, label="Imatrix chunks"),
         Option("imatrix_ctx", 512, "tokens per imatrix chunk", minimum=16, label="Imatrix tokens per chunk"),
-    )
+    ) + TYPE_OPTIONS
     needs_gpu = False
 
     def unavailable(self) -> str | None:
@@ -219,9 +268,15 @@ class GGUF:
 
     def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
         self.check_architecture(config)
+        check_ternary(config, [v for v in variants if v in VARIANTS and VARIANTS[v].ternary])
 
     def check_variants(self, variants: list[str]) -> list[str]:
         return pick_variants("GGUF", variants, VARIANTS)
+
+    def check_choice(self, options: dict[str, Any], variants: list[str]) -> None:
+        """Before any download: per-tensor types that parse, and no variant that needs the imatrix turned off."""
+        check_imatrix(options, [v for v in variants if v in VARIANTS and VARIANTS[v].needs_imatrix],
+                      overrides_of(options))
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         """The file each variant will be: llama.cpp's own per-tensor type choice, header and padding included."""
@@ -233,13 +288,15 @@ class GGUF:
             text = {n: s for n, s in stats.shapes.items() if tower_of(n) is None}
             tensors, facts = generic_f16_tensors(text, config), generic_model_facts(config)
         kv = kv_bytes(text_config(stats.config), stats.files)
+        overrides = overrides_of(stats.options)
+        check_fit(tensors, overrides)
         sizes = {}
         for v in variants:
             if v in DIRECT:   # our converter: 2-D weights in the 16-bit type, the rest F32
                 wide = Q.BF16 if v == "BF16" else Q.F16
                 types = {n: wide if t == Q.F16 else t for n, (_, t) in tensors.items()}
             else:
-                types = choose_types(tensors, VARIANTS[v].ftype, facts)
+                types = choose_types(tensors, VARIANTS[v].ftype, facts, uses_imatrix(stats.options, v), overrides)
             sizes[v] = file_bytes(tensors, types, kv)
         if is_multimodal(stats.config):
             sizes[MMPROJ] = mmproj_bytes(stats.shapes)
@@ -247,6 +304,7 @@ class GGUF:
 
     def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
         stage = ctx.stage
+        overrides = overrides_of(ctx.options)
         outputs: list[Output] = []
         quantized = [v for v in variants if v not in DIRECT]
         needs_f16 = "F16" in variants or bool(quantized)
@@ -265,6 +323,8 @@ class GGUF:
                 tick(0, 1)
                 lcpp_convert.convert(model_dir, path, out_type=out_type)
                 tick(1, 1)
+        if quantized and (overrides.output or overrides.embedding):
+            check_fit(file_tensors(base), overrides)   # llama.cpp would write a misfit type as it is
         imatrix = plan.finish(model_dir, base, out_dir, ctx) if plan.users else None
         for v in variants:
             path = out_dir / f"{name}-{v}.gguf"
@@ -274,9 +334,11 @@ class GGUF:
                 used = imatrix if v in plan.users else None
                 tick = stage(f"quantize {v}")
                 tick(0, 1)
-                llama_quantize(base, path, VARIANTS[v].ftype, imatrix=used)
+                llama_quantize(base, path, VARIANTS[v].ftype, imatrix=used, overrides=overrides)
                 tick(1, 1)
                 details.update(plan.details(v))
+                details.update(recipe(overrides))
+                details["tensor_type_counts"] = type_counts(path)
                 if used is not None and used.path is not None and not plan.published:
                     extra, plan.published = (used.path,), True   # pushed with the first variant that used it
             outputs.append(Output(v, (path,), extra, details=details))

@@ -60,12 +60,13 @@ def search_models(query: str, hf_token: str = "", oauth_token: gr.OAuthToken | N
 
 
 def preflight_api(model: str, method: str = "gguf", variants: list[str] | None = None, target: str = "",
-                  evaluate: bool = True, hf_token: str = "",
+                  evaluate: bool = True, hf_token: str = "", options: dict[str, Any] | None = None,
                   oauth_token: gr.OAuthToken | None = None) -> dict[str, Any]:
-    """Check a model before any download: architecture, access, parameter count, the size of every variant,
-    disk needed and hardware fit. `problems` lists, one sentence each, what would make a run fail."""
+    """Check a model before any download: architecture, access, parameter count, the size of every variant
+    (with the method's `options`, e.g. GGUF's per-tensor types), disk needed and hardware fit. `problems` lists,
+    one sentence each, what would make a run fail."""
     return preflight(model, method, variants or None, token=token_for(hf_token, oauth_token), evaluate=evaluate,
-                     target=target.strip() or None).to_dict()
+                     target=target.strip() or None, options=options).to_dict()
 
 
 def _spec(model: str, method: str, variants: list[str] | None, options: dict[str, Any] | None, target: str,

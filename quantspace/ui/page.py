@@ -124,10 +124,16 @@ def _method_tabs() -> list[MethodTab]:
         with gr.Tab(label, id=name, interactive=reason is None, elem_id=f"tab-{name}") as tab:
             if reason:
                 gr.Markdown(f"⚠️ {name.upper()} {reason}")
-            variants = gr.CheckboxGroup(list(fmt.variants), value=list(fmt.default_variants),
+            summaries = getattr(fmt, "summaries", {})
+            choices = [(f"{v} · {summaries[v]}" if summaries.get(v) else v, v) for v in fmt.variants]
+            variants = gr.CheckboxGroup(choices, value=list(fmt.default_variants),
                                         label=f"{name.upper()} variants", interactive=reason is None,
                                         elem_id=f"variants-{name}")
-            options = [(opt, _control(opt, reason is None)) for opt in fmt.options]
+            options = [(opt, _control(opt, reason is None)) for opt in fmt.options if not opt.advanced]
+            advanced = [opt for opt in fmt.options if opt.advanced]
+            if advanced:
+                with gr.Accordion("Advanced", open=False, elem_id=f"advanced-{name}"):
+                    options += [(opt, _control(opt, reason is None)) for opt in advanced]
         tabs.append(MethodTab(name, fmt, reason, tab, variants, options))
     return tabs
 
@@ -204,7 +210,8 @@ def build_demo() -> gr.Blocks:
                     card = gr.Markdown(elem_id="card")
 
         variants_of = {t.name: t.variants for t in tabs}
-        pre_inputs = {model, method, target, push, evaluate, *variants_of.values()}
+        option_controls = [c for t in tabs for _, c in t.options]
+        pre_inputs = {model, method, target, push, evaluate, *variants_of.values(), *option_controls}
 
         # -- sign-in: who is here decides whether pushing is possible, and the default target -------------
         def on_load(profile: gr.OAuthProfile | None) -> dict:
@@ -234,9 +241,11 @@ def build_demo() -> gr.Blocks:
                         run: gr.update(interactive=True)}
             name = data[method]
             want_push = data[push] and profile is not None
+            tab = next(t for t in tabs if t.name == name)
             pre = preflight(source, name, data[variants_of[name]] or None,
                             token=api.token_for("", oauth_token), evaluate=data[evaluate],
-                            target=((data[target] or "").strip() or None) if want_push else None)
+                            target=((data[target] or "").strip() or None) if want_push else None,
+                            options={o.name: data[c] for o, c in tab.options})
             return {pre_md: preflight_markdown(pre), run: gr.update(interactive=pre.ok)}
 
         def suggest_target(data: dict, profile: gr.OAuthProfile | None) -> dict:
@@ -269,6 +278,8 @@ def build_demo() -> gr.Blocks:
         for t in tabs:
             if t.reason is None:
                 t.variants.change(**checks)
+                for _, control in t.options:   # options may change sizes (GGUF's per-tensor types) or be refused
+                    (control.blur if isinstance(control, gr.Textbox) else control.change)(**checks)
                 # Switching tabs switches the method (and the default target's suffix).
                 t.tab.select(lambda n=t.name: n, None, method, api_visibility="private",
                              queue=False).then(**naming).then(**checks)
@@ -341,8 +352,7 @@ def build_demo() -> gr.Blocks:
             except QuantSpaceError:
                 pass   # already removed: nothing to stop
 
-        run_inputs = {model, method, target, push, private, evaluate, *variants_of.values(),
-                      *(c for t in tabs for _, c in t.options)}
+        run_inputs = {model, method, target, push, private, evaluate, *variants_of.values(), *option_controls}
         # The job waits for its turn in jobs.LANE (one heavy job at a time, its place shown in the log), so
         # starting and watching it need no Gradio slot: the visitor gets the job's link at once.
         run.click(on_run, run_inputs, outputs, api_visibility="private", concurrency_limit=None,
