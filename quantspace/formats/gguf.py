@@ -190,12 +190,11 @@ def _with_imatrix(params: Any, imatrix: "Imatrix") -> list[Any]:
 
 
 def uses_imatrix(options: dict[str, Any], variant: str) -> bool:
-    """Whether llama.cpp gets an importance matrix for this variant (a few of its type rules depend on it):
-    the imatrix option is on ("auto" makes one for every variant under 8 bits, a path gives one). Without the
-    option at all (a version without imatrix support) none is given."""
-    if "imatrix" not in options or variant in DIRECT or variant == "Q8_0":
+    """Whether llama.cpp gets an importance matrix for this variant (a few of its type rules depend on it): a
+    variant under 8 bits, unless the imatrix option is "off" ("auto", the default, makes one; a path gives one)."""
+    if variant in DIRECT or variant in WITHOUT_IMATRIX:
         return False
-    return str(options["imatrix"] or "auto").strip().lower() != "off"
+    return str(options.get("imatrix") or "auto").strip().lower() != "off"
 
 
 def file_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
