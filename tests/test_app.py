@@ -154,7 +154,8 @@ def test_quantize_pushes_with_progress(served):
     files = served.hub.files(target)
     assert {"tiny-llama-Q8_0.gguf", "tiny-llama-Q4_K_M.gguf", "README.md", "quantspace.json"} <= set(files)
     assert json.loads(files["quantspace.json"])["files"] == report["files"]
-    assert stages and stages <= {"download", "convert F16", "quantize Q8_0", "quantize Q4_K_M", "card", "upload"}
+    assert stages and stages <= {"download", "imatrix calibration", "convert F16", "imatrix", "quantize Q8_0",
+                                 "quantize Q4_K_M", "card", "upload"}
     # Pushed: the job keeps only its report (offered for download) until its retention ends; no weights.
     new = set(served.jobs_left()) - set(before)
     assert len(new) == 1
@@ -255,8 +256,8 @@ def test_a_job_outlives_its_client_and_opens_by_id_for_its_owner_only(served):
     # The log tells the whole story, whatever moments the polls happened to catch.
     assert re.search(r"download.*quantize Q8_0.*quantize Q4_K_M.*evaluate.*upload done.*finished$",
                      "\n".join(final["log"]), re.S), final["log"]
-    assert {s["stage"].split()[0] for s in seen if s["stage"]} <= {"download", "convert", "quantize", "evaluate",
-                                                                  "card", "upload"}
+    assert {s["stage"].split()[0] for s in seen if s["stage"]} <= {"download", "imatrix", "convert", "quantize",
+                                                                  "evaluate", "card", "upload"}
     assert {"tiny-llama-Q8_0.gguf", "tiny-llama-Q4_K_M.gguf", "quantspace.json"} <= set(served.hub.files(target))
     served.no_token_written()
 
