@@ -475,7 +475,7 @@ def fit_note(report: "Report") -> str:
         if not d.get("fit_budget_bytes"):
             continue
         kld = (f.metrics or {}).get("kld_mean")
-        mix = ", ".join(f"{n} × {t}" for t, n in (d.get("tensor_type_counts") or {}).items())
+        mix = ", ".join(f"{n} × {t}" for t, n in (d.get("tensor_type_counts") or {}).items() if t != "F32")
         line = (f"`{f.filename}` is the file fitted to a budget of {format_size(d['fit_budget_bytes'])}: each "
                 "weight's type (Q2_K to Q8_0) was chosen to minimise its importance-weighted quantization error, "
                 f"measured on the calibration text, within the budget ({mix}; the full recipe is in "
