@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .chart import CHART_NAME, has_chart
 from .report import Report, format_number, format_size
 
 if TYPE_CHECKING:
@@ -30,6 +31,11 @@ def metrics_table(report: Report) -> str:
             f"| {format_number(m.get('kld_mean'), '.5f')} | {'–' if top1 is None else f'{100 * top1:.2f}%'} |"
         )
     return "\n".join(rows)
+
+
+def _chart(report: Report) -> str:
+    """The size-vs-KLD picture, written beside the card when two files or more were measured."""
+    return f"\n![Size vs KL divergence]({CHART_NAME})\n" if has_chart(report) else ""
 
 
 def _method(report: Report) -> str:
@@ -75,7 +81,7 @@ def build_card(report: Report, fmt: "Format") -> ModelCard:
 ## Files and accuracy
 
 {metrics_table(report)}
-
+{_chart(report)}
 ## How the numbers were measured
 
 {_method(report)}

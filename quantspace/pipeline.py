@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import scratch
 from .card import build_card
+from .chart import write_chart
 from .formats import Context, Format, GpuRunner, Output, check_options, get_format, resolve_device, run_directly
 from .errors import BadOptionError, DiskFullError
 from .hub import Token, check_target, push_folder, repo_url, resolve_token
@@ -173,6 +174,8 @@ def quantize(
                 report.repo_id, report.repo_url = push, repo_url(push)
             report.timings = stages.finish()
             written.append(report.save(stage_dir))
+            chart = write_chart(report, stage_dir)   # the card shows it when it exists
+            written += [chart] if chart else []
             card = stage_dir / "README.md"
             build_card(report, fmt).save(card)
             written.append(card)

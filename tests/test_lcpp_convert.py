@@ -32,8 +32,8 @@ def test_gemma4_converts_with_llama_cpps_converter_and_matches_transformers(tiny
     assert any("Converted by llama.cpp's convert_hf_to_gguf.py" in c for c in pre.checks), pre.checks
     out = tmp_path / "out"
     report = quantize(str(tiny_gemma4), variants="Q4_K_M,Q8_0", out=out, ctx=64, max_chunks=2)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "quantspace.json", "tiny-gemma4-Q4_K_M.gguf",
-                                                     "tiny-gemma4-Q8_0.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "quantspace.json", "size_vs_kld.svg",
+                                                     "tiny-gemma4-Q4_K_M.gguf", "tiny-gemma4-Q8_0.gguf"]
     by = {f.variant: f for f in report.files}
     # 8-bit llama.cpp against transformers in fp32: the same model, so nearly the same distribution.
     assert by["Q8_0"].metrics["kld_mean"] < 0.01 and by["Q8_0"].metrics["top1_agreement"] > 0.9

@@ -95,7 +95,7 @@ def test_gguf_writes_text_variants_and_one_mmproj_llama_cpp_loads(tiny_vlm, tmp_
     out = tmp_path / "out"
     report = quantize(str(tiny_vlm), variants="Q4_K_M,Q8_0", out=out, ctx=64, max_chunks=2)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["README.md", "quantspace.json", MMPROJ, f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf"])
+        ["README.md", "quantspace.json", "size_vs_kld.svg", MMPROJ, f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf"])
     mmproj = out / MMPROJ
     assert Report.load(out / "quantspace.json").files[0].details["mmproj"] == MMPROJ
     # Sizes as preflight said: the text files without the towers, the projector on its own.

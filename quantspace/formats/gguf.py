@@ -17,6 +17,7 @@ from ..converter import llama_cpp as lcpp_convert
 from ..archs import load_config
 from ..converter.streaming import HParams, convert
 from ..errors import QuantizeError, UnsupportedArchitectureError
+from ..fit import LADDER, budget_label, choose, measure, parse_budget
 from ..imatrix import IMATRIX_NAME
 from ..multimodal import is_multimodal, text_config, tower_of
 from ..converter.tensor_types import (Overrides, choose_types, f16_tensors, file_bytes, generic_f16_tensors,
@@ -248,6 +249,9 @@ class GGUF:
                label="Calibration dataset (Hub id or file)"),
         Option("imatrix_chunks", 64, "imatrix calibration chunks", minimum=1, label="Imatrix chunks"),
         Option("imatrix_ctx", 512, "tokens per imatrix chunk", minimum=16, label="Imatrix tokens per chunk"),
+        Option("fit", "", "a size budget, e.g. 4.5GB: also write <name>-FIT-4.5GB.gguf, the per-tensor types "
+               "(Q2_K to Q8_0) with the least imatrix-weighted error that fit it (empty: off)",
+               label="Best file for a size budget (e.g. 4.5GB)"),
     ) + TYPE_OPTIONS
     needs_gpu = False
 
@@ -276,6 +280,8 @@ class GGUF:
         """Before any download: per-tensor types that parse, and no variant that needs the imatrix turned off."""
         check_imatrix(options, [v for v in variants if v in VARIANTS and VARIANTS[v].needs_imatrix],
                       overrides_of(options))
+        if str(options.get("fit") or "").strip():
+            parse_budget(str(options["fit"]))
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         """The file each variant will be: llama.cpp's own per-tensor type choice, header and padding included."""
@@ -306,11 +312,14 @@ class GGUF:
         overrides = overrides_of(ctx.options)
         outputs: list[Output] = []
         quantized = [v for v in variants if v not in DIRECT]
-        needs_f16 = "F16" in variants or bool(quantized)
+        fit = str(ctx.options.get("fit") or "").strip()
+        fit_variant = budget_label(fit) if fit else None
+        needs_f16 = "F16" in variants or bool(quantized) or bool(fit)
         # Not a deliverable unless asked for: a hidden name, so an F16 file already in out_dir is left alone.
         base = out_dir / (f"{name}-F16.gguf" if "F16" in variants else f".{name}-F16.intermediate.gguf")
         converter = converter_for(load_config(model_dir))
-        plan = imatrix_plan(model_dir, variants, ctx)   # a bad file or calibration text fails before any work
+        # a bad file or calibration text fails before any work
+        plan = imatrix_plan(model_dir, variants + ([fit_variant] if fit_variant else []), ctx)
         wide = [("F16", base)] if needs_f16 else []
         if "BF16" in variants:
             wide.append(("BF16", out_dir / f"{name}-BF16.gguf"))
@@ -341,6 +350,16 @@ class GGUF:
                 if used is not None and used.path is not None and not plan.published:
                     extra, plan.published = (used.path,), True   # pushed with the first variant that used it
             outputs.append(Output(v, (path,), extra, details=details))
+        if fit_variant:
+            used = imatrix if fit_variant in plan.users else None
+            path = out_dir / f"{name}-{fit_variant}.gguf"
+            details = {"converter": converter, **plan.details(fit_variant),
+                       **fit_file(base, path, fit, used, ctx.workdir or out_dir, stage)}
+            details["tensor_type_counts"] = type_counts(path)
+            extra = ()
+            if used is not None and used.path is not None and not plan.published:
+                extra, plan.published = (used.path,), True
+            outputs.append(Output(fit_variant, (path,), extra, details=details))
         if needs_f16 and "F16" not in variants:
             base.unlink(missing_ok=True)   # the intermediate is not a deliverable
         if is_multimodal(load_config(model_dir)):
@@ -396,12 +415,82 @@ class GGUF:
         imatrix = imatrix_note(report)
         if imatrix:
             notes += ("\n\n" if notes else "") + imatrix
+        fitted = fit_note(report)
+        if fitted:
+            notes += ("\n\n" if notes else "") + fitted
         mmproj = mmproj_of(report)
         if mmproj:
             notes += (f"\n\n`{mmproj}` is the vision/audio projector (llama.cpp's `--mmproj` conversion, F16, "
                       "the same for every file above): give it with `--mmproj` to use images. The accuracy "
                       "numbers are the language model's, on text only, against the source's language model.")
         return notes
+
+
+# --- --fit: the best file for a size budget (the optimiser is quantspace/fit.py) ---
+
+def fit_file(f16: Path, path: Path, fit: str, imatrix: "Imatrix | None", work: Path, stage: Any) -> dict[str, Any]:
+    """Quantize the F16 file once per ladder type, measure each weight's error in each, choose the types, write
+    `path` with them; returns the report's details (the recipe). BadOptionError when the budget is too small."""
+    budget, label = parse_budget(fit), budget_label(fit)
+    candidates: dict[Any, Path] = {}
+    try:
+        tick = stage(f"{label}: quantize candidates")
+        for i, (qtype, ftype) in enumerate(LADDER):
+            tick(i, len(LADDER))
+            candidates[qtype] = work / f".{path.stem}-candidate-{qtype.name}.gguf"
+            llama_quantize(f16, candidates[qtype], ftype, imatrix=imatrix,
+                           overrides=Overrides(patterns=((".", qtype),)))   # every weight this type, where it fits
+        tick(len(LADDER), len(LADDER))
+        options, fixed = measure(f16, candidates, imatrix, stage(f"{label}: measure each weight"))
+    finally:
+        for p in candidates.values():
+            p.unlink(missing_ok=True)
+    plan = choose(options, fixed, budget, fit.strip())
+    counts: dict[Any, int] = {}
+    for t in plan.types.values():
+        counts[t] = counts.get(t, 0) + 1
+    common = max(counts, key=lambda t: counts[t]) if counts else LADDER[-1][0]
+    ftype = next((f for q, f in LADDER if q == common), LADDER[-1][1])
+    tick = stage(f"quantize {label}")
+    tick(0, 1)
+    llama_quantize(f16, path, ftype, imatrix=imatrix, overrides=Overrides(patterns=plan.overrides()))
+    tick(1, 1)
+    size = path.stat().st_size
+    if size > budget:   # the plan keeps a padding margin, so this means llama.cpp chose otherwise than measured
+        path.unlink()
+        raise QuantizeError(f"The {label} file came out at {size} bytes, over its budget of {budget}: llama.cpp "
+                            "did not write the measured types. Nothing was kept.")
+    return {"fit_budget_bytes": budget, "fit_expected_bytes": plan.expected_bytes,
+            "fit_smallest_bytes": plan.smallest_bytes, "fit_weighted_error": plan.error, "recipe": plan.recipe()}
+
+
+def fit_note(report: "Report") -> str:
+    """Card lines: what the FIT file is and how it compares with the stock variants."""
+    from ..report import format_number, format_size
+
+    lines = []
+    stock = [f for f in report.files if not (f.details or {}).get("fit_budget_bytes")]
+    for f in report.files:
+        d = f.details or {}
+        if not d.get("fit_budget_bytes"):
+            continue
+        kld = (f.metrics or {}).get("kld_mean")
+        mix = ", ".join(f"{n} × {t}" for t, n in (d.get("tensor_type_counts") or {}).items() if t != "F32")
+        line = (f"`{f.filename}` is the file fitted to a budget of {format_size(d['fit_budget_bytes'])}: each "
+                "weight's type (Q2_K to Q8_0) was chosen to minimise its importance-weighted quantization error, "
+                f"measured on the calibration text, within the budget ({mix}; the full recipe is in "
+                f"`quantspace.json`). It is {format_size(f.size_bytes)}")
+        if kld is not None:
+            line += f" with a KLD of {format_number(kld, '.5f')}"
+            near = [s for s in stock if (s.metrics or {}).get("kld_mean") is not None]
+            smaller = max((s for s in near if s.size_bytes <= f.size_bytes), key=lambda s: s.size_bytes, default=None)
+            larger = min((s for s in near if s.size_bytes > f.size_bytes), key=lambda s: s.size_bytes, default=None)
+            cmp = [f"{s.variant} ({format_size(s.size_bytes)}, KLD {format_number(s.metrics['kld_mean'], '.5f')})"
+                   for s in (smaller, larger) if s is not None]
+            if cmp:
+                line += "; the stock files beside it: " + ", ".join(cmp)
+        lines.append(line + ".")
+    return "\n\n".join(lines)
 
 
 # --- multimodal checkpoints: the towers go to one projector file ---

@@ -1,0 +1,152 @@
+"""--fit: the GGUF with the least measured error that fits a size budget.
+
+Each weight is quantized by llama.cpp itself to every type of a ladder (Q2_K … Q8_0), with the run's importance
+matrix; its sensitivity to a type is the imatrix-weighted squared error of that result,
+Σ_cols imatrix[col] · Σ_rows (W − Ŵ)², read back from the files. Starting from every weight at its smallest type,
+a greedy pass buys the upgrade with the most error removed per added byte until the budget is spent. The file is
+then written by llama.cpp with one `^name$=TYPE` override per weight, so its bytes are those that were measured.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import gguf
+import numpy as np
+
+from .errors import BadOptionError
+from .report import format_size
+
+if TYPE_CHECKING:
+    from .imatrix import Imatrix
+
+Q = gguf.GGMLQuantizationType
+F = gguf.LlamaFileType
+# The candidate types, smallest first, and the llama.cpp file type each candidate file is made with.
+LADDER: tuple[tuple[Q, F], ...] = (
+    (Q.Q2_K, F.MOSTLY_Q2_K), (Q.Q3_K, F.MOSTLY_Q3_K_M), (Q.Q4_K, F.MOSTLY_Q4_K_M),
+    (Q.Q5_K, F.MOSTLY_Q5_K_M), (Q.Q6_K, F.MOSTLY_Q6_K), (Q.Q8_0, F.MOSTLY_Q8_0),
+)
+UNITS = {"B": 1, "KB": 1_000, "MB": 1_000_000, "GB": 1_000_000_000, "TB": 1_000_000_000_000}
+PADDING = 32   # GGUF's default alignment: each tensor may start up to this many bytes later than planned
+
+
+def parse_budget(text: str) -> int:
+    """'4.5GB', '4.5 GB', '800MB', '4.5G' → bytes (decimal units, as the Hub shows sizes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)B?\s*", str(text), flags=re.I)
+    if not m or float(m.group(1)) <= 0:
+        raise BadOptionError(f"fit '{text}' is not a size: give one such as 4.5GB or 800MB.")
+    return int(float(m.group(1)) * UNITS[(m.group(2).upper() + "B") if m.group(2) else "B"])
+
+
+def budget_label(text: str) -> str:
+    """The budget as written in the file name: 'FIT-4.5GB'."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)B?\s*", str(text), flags=re.I)
+    assert m, text
+    return f"FIT-{float(m.group(1)):g}{m.group(2).upper()}B"
+
+
+@dataclass(frozen=True)
+class Choice:
+    qtype: Q
+    nbytes: int
+    error: float
+
+
+@dataclass
+class Plan:
+    """The per-tensor types chosen, and what they are expected to cost."""
+    types: dict[str, Q]          # GGUF tensor name → type
+    expected_bytes: int
+    error: float                 # Σ imatrix-weighted squared error of the chosen types
+    smallest_bytes: int          # the file with every weight at its smallest candidate type
+
+    def overrides(self) -> tuple[tuple[str, Q], ...]:
+        return tuple((f"^{re.escape(name)}$", t) for name, t in self.types.items())
+
+    def recipe(self) -> dict[str, str]:
+        return {name: t.name for name, t in self.types.items()}
+
+
+def _weights(imatrix: "Imatrix | None", name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The imatrix of one weight, shaped to broadcast over it ([experts, 1, cols]), or None (all ones)."""
+    if imatrix is None or name not in imatrix.entries:
+        return None
+    values = imatrix.entries[name].values()
+    lead = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    if values.size != lead * shape[-1]:
+        return None
+    return values.reshape(*shape[:-2], 1, shape[-1]) if len(shape) > 2 else values.reshape(1, shape[-1])
+
+
+def _error(ref: np.ndarray, got: np.ndarray, w: np.ndarray | None) -> float:
+    diff = (ref - got).astype(np.float64) ** 2
+    return float((diff * w).sum() if w is not None else diff.sum())
+
+
+def measure(f16: Path, candidates: dict[Q, Path], imatrix: "Imatrix | None",
+            tick: Callable[[int, int], None] | None = None) -> tuple[dict[str, list[Choice]], int]:
+    """Per weight, its cost and error in every candidate file (dominated choices dropped, smallest first), and the
+    bytes of everything else (header, metadata, tensors no candidate changes)."""
+    base = {t.name: t for t in gguf.GGUFReader(f16).tensors}
+    readers = {q: {t.name: t for t in gguf.GGUFReader(p).tensors} for q, p in candidates.items()}
+    any_file = next(iter(candidates.values()))
+    first = readers[next(iter(candidates))]
+    fixed = any_file.stat().st_size - sum(int(t.n_bytes) for t in first.values())
+    options: dict[str, list[Choice]] = {}
+    for i, (name, t) in enumerate(base.items()):
+        seen = {Q(r[name].tensor_type) for r in readers.values()}
+        if seen == {Q(t.tensor_type)}:      # never quantized (norms, routers...): a fixed cost
+            fixed += int(first[name].n_bytes)
+            continue
+        ref = gguf.quants.dequantize(t.data, Q(t.tensor_type))
+        w = _weights(imatrix, name, ref.shape)
+        found: dict[Q, Choice] = {}
+        for r in readers.values():
+            c = r[name]
+            q = Q(c.tensor_type)
+            if q not in found:   # llama.cpp fell back to the same type for two candidates
+                found[q] = Choice(q, int(c.n_bytes), _error(ref, gguf.quants.dequantize(c.data, q), w))
+        ladder: list[Choice] = []
+        for c in sorted(found.values(), key=lambda c: (c.nbytes, c.error)):
+            if not ladder or c.error < ladder[-1].error:   # more bytes must buy less error
+                ladder.append(c)
+        options[name] = ladder
+        if tick:
+            tick(i + 1, len(base))
+    return options, fixed
+
+
+def choose(options: dict[str, list[Choice]], fixed: int, budget: int, label: str) -> Plan:
+    """Greedy: every weight at its smallest choice, then the upgrade with the most error removed per added byte,
+    while the file fits. BadOptionError when even the smallest file does not fit."""
+    margin = PADDING * len(options)
+    at = {name: 0 for name in options}
+    size = fixed + margin + sum(o[0].nbytes for o in options.values())
+    smallest = size
+    if size > budget:
+        raise BadOptionError(f"fit {label}: the smallest file this model can be is {format_size(smallest)} (every "
+                             f"weight at its smallest type, {LADDER[0][0].name} where its rows allow), over the "
+                             f"budget of {format_size(budget)}; give a larger budget. Nothing was written.")
+    while True:
+        best: tuple[float, str, int] | None = None
+        for name, ladder in options.items():
+            i = at[name]
+            for j in range(i + 1, len(ladder)):
+                added = ladder[j].nbytes - ladder[i].nbytes
+                if size + added > budget:
+                    break
+                gain = (ladder[i].error - ladder[j].error) / added
+                if best is None or gain > best[0]:
+                    best = (gain, name, j)
+        if best is None:
+            break
+        _, name, j = best
+        size += options[name][j].nbytes - options[name][at[name]].nbytes
+        at[name] = j
+    types = {name: options[name][i].qtype for name, i in at.items()}
+    error = sum(options[name][i].error for name, i in at.items())
+    return Plan(types, size - margin, error, smallest - margin)
