@@ -141,15 +141,7 @@ def run(model_dir: Path, state_dir: Path, budget_s: float | None = None,
     dev, dtype = torch.device(settings.device), torch.float32
     src = engine.SourceTensors(model_dir)
     model = engine._skeleton(config, spec)
-    if first == 0:
-        tokens = torch.load(state_dir / "tokens.pt")
-        table = src.get(spec.embeddings)
-        x = nn.functional.embedding(tokens, table)
-        if spec.scaled_embeddings:   # as transformers: the scale in the table's dtype
-            x = x * torch.tensor(float(config["hidden_size"]) ** 0.5, dtype=table.dtype)
-        x = x.to(dev, dtype)
-    else:
-        x = torch.load(engine._hidden_file(state_dir, first), map_location=dev)
+    x = engine.layer_input(state_dir, first, src, spec, config, dev, dtype)
     pe_of = engine._position_embeddings(model, spec, x, settings.ctx)
     runner = engine._Runner(None, settings.chunk_tokens)
     layers = model.get_submodule(spec.layers_path)

@@ -251,6 +251,19 @@ def _position_embeddings(model: nn.Module, spec: LayerSpec, x: torch.Tensor,
     return lambda i: by_type[types[i]]
 
 
+def layer_input(state_dir: Path, first: int, src: SourceTensors, spec: LayerSpec, config: dict[str, Any],
+                dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The input of layer `first`: the calibration tokens' embeddings, or the hidden state a stopped run left."""
+    if first > 0:
+        return torch.load(_hidden_file(state_dir, first), map_location=dev)
+    tokens = torch.load(state_dir / "tokens.pt")
+    table = src.get(spec.embeddings)
+    x = nn.functional.embedding(tokens, table)
+    if spec.scaled_embeddings:   # as transformers: the scale in the table's dtype
+        x = x * torch.tensor(float(config["hidden_size"]) ** 0.5, dtype=table.dtype)
+    return x.to(dev, dtype)
+
+
 def run(model_dir: Path, state_dir: Path, budget_s: float | None = None,
         progress: Callable[[int, int], None] | None = None) -> bool:
     """Quantize layers from where the state folder stands; True when every layer is done.
@@ -272,15 +285,7 @@ def run(model_dir: Path, state_dir: Path, budget_s: float | None = None,
     src = SourceTensors(model_dir)
     model = _skeleton(config, spec)
     groups = spec.expand(config)
-    if first == 0:
-        tokens = torch.load(state_dir / "tokens.pt")
-        table = src.get(spec.embeddings)
-        x = nn.functional.embedding(tokens, table)
-        if spec.scaled_embeddings:   # as transformers: the scale in the table's dtype
-            x = x * torch.tensor(float(config["hidden_size"]) ** 0.5, dtype=table.dtype)
-        x = x.to(dev, dtype)
-    else:
-        x = torch.load(_hidden_file(state_dir, first), map_location=dev)
+    x = layer_input(state_dir, first, src, spec, config, dev, dtype)
     pe_of = _position_embeddings(model, spec, x, settings.seqlen)
     runner = _Runner(None, settings.chunk_tokens)
     layers = model.get_submodule(spec.layers_path)
