@@ -36,10 +36,12 @@ ACCOUNT_TTL_S = 300             # how long a token's account name is remembered 
 ENDED = ("finished", "failed", "cancelled")
 
 
-def jobs_root() -> Path:
-    """Where per-job folders live; QUANTSPACE_JOBS_DIR moves them (tests check what is left there)."""
+def jobs_root(create: bool = True) -> Path:
+    """Where per-job folders live; QUANTSPACE_JOBS_DIR moves them (tests check what is left there). The sweep
+    looks without creating it: a folder only a sweep made would be left behind in temp space."""
     root = Path(os.environ.get("QUANTSPACE_JOBS_DIR") or Path(tempfile.gettempdir()) / "quantspace-jobs")
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return root
 
 
@@ -437,7 +439,7 @@ class Registry:
             shutil.rmtree(job.dir, ignore_errors=True)
             _live_dirs.discard(job.dir)
         wall = time.time()
-        for folder in jobs_root().glob("job-*"):
+        for folder in jobs_root(create=False).glob("job-*"):
             try:
                 stale = folder not in _live_dirs and wall - folder.stat().st_mtime >= keep
             except OSError:
