@@ -79,10 +79,17 @@ def calibration_blocks(model_dir: Path, n_samples: int, seqlen: int, dataset: st
 def local_file(dataset: str) -> Path | None:
     """The local file a calibration setting names (an existing file, or a name with a text suffix and no
     "id:file" colon), or None for a Hub dataset id; CalibrationError when such a file is missing."""
+    from .source import folder_allowed, on_space
+
     path = Path(dataset.strip()).expanduser()
+    looks_local = path.is_absolute() or path.suffix in _TEXT_SUFFIXES and ":" not in dataset
+    if (path.is_file() or looks_local) and not folder_allowed(path):
+        # A visitor of a Space must not read the Space's own disk.
+        raise CalibrationError(f"'{dataset.strip()}' is a file path; on this Space, name a Hub dataset "
+                               "(id[:file]) for calibration text.")
     if path.is_file():
         return path
-    if path.suffix in _TEXT_SUFFIXES and ":" not in dataset:
+    if looks_local and not on_space():
         raise CalibrationError(f"No calibration file at {path}.")
     return None
 

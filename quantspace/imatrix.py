@@ -83,7 +83,11 @@ def read_imatrix(path: Path | str) -> Imatrix:
     """An imatrix GGUF (ours or llama-imatrix's); BadOptionError in one line for anything else."""
     import gguf
 
+    from .source import folder_allowed
+
     path = Path(path).expanduser()
+    if not folder_allowed(path):   # a visitor of a Space must not read (or publish) the Space's own files
+        raise BadOptionError(f"imatrix '{path}' is a file on this Space's disk; give 'auto' or 'off' here.")
     if not path.is_file():
         raise BadOptionError(f"No imatrix file at {path}.")
     try:

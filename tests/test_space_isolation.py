@@ -129,3 +129,26 @@ def test_a_space_never_serves_its_hub_cache_when_the_hub_is_unreachable(hub, tin
         resolve(PRIVATE, token=False)
     monkeypatch.delenv("SPACE_ID")
     assert resolve(PRIVATE).revision is not None      # locally the cache is this machine's own: used
+
+
+def test_a_visitor_cannot_read_the_spaces_files_as_calibration_text_or_imatrix(tiny_bpe, tmp_path, monkeypatch,
+                                                                            on_space):
+    """The calibration file and the imatrix path are the Space's disk too: refused in one line, unless an
+    operator allowed the folder; off a Space they are read as before."""
+    from quantspace.calib import load_calibration_text
+    from quantspace.errors import BadOptionError, CalibrationError
+    from quantspace.imatrix import read_imatrix
+
+    secret = tmp_path / "owner-notes.txt"
+    secret.write_text("the owner's private text\n\nmore of it\n")
+    with pytest.raises(CalibrationError, match="on this Space, name a Hub dataset"):
+        load_calibration_text(str(secret))
+    with pytest.raises(CalibrationError, match="on this Space, name a Hub dataset"):
+        load_calibration_text("/etc/hostname")
+    with pytest.raises(BadOptionError, match="a file on this Space's disk"):
+        read_imatrix(tmp_path / "imatrix.gguf")
+    monkeypatch.setenv("QUANTSPACE_ALLOWED_FOLDERS", str(tmp_path))
+    assert load_calibration_text(str(secret)).documents == ["the owner's private text", "more of it"]
+    monkeypatch.delenv("SPACE_ID")
+    monkeypatch.delenv("QUANTSPACE_ALLOWED_FOLDERS")
+    assert load_calibration_text(str(secret)).source == secret.name
