@@ -9,7 +9,7 @@ without an AWQ table is refused by AWQ.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +62,22 @@ class Family:
 
 # --- AWQ layer tables: which linears share an input, what precedes them, what the scale search runs ---
 
+# Separate q/k/v projections: the norm before attention feeds q/k/v, v feeds o (when their widths match).
+ATTENTION_GROUPS = (
+    Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True),
+)
+
+
+def _swiglu_groups(norm: str) -> tuple[Group, ...]:
+    """A gated MLP after `norm`: the norm feeds gate/up, up feeds down."""
+    return (Group(norm, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+            Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
+
+
 AWQ_LLAMA = LayerSpec(
     layers_path="model.layers",
-    groups=(
-        Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-        Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True),
-        Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-        Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-    ),
+    groups=ATTENTION_GROUPS + _swiglu_groups("post_attention_layernorm"),
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
@@ -78,18 +86,8 @@ AWQ_LLAMA = LayerSpec(
 
 # Gemma 3: four norms per layer. input_layernorm feeds q/k/v, pre_feedforward_layernorm feeds gate/up; the
 # post-attention and post-feedforward norms act on outputs and precede no linear. Norms compute (1 + w) · x̂.
-AWQ_GEMMA3 = LayerSpec(
-    layers_path="model.layers",
-    groups=(
-        Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-        Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True),
-        Group("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-        Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-    ),
-    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
-    norm_offset=1.0,
-    scaled_embeddings=True,
-)
+AWQ_GEMMA3 = replace(AWQ_LLAMA, groups=ATTENTION_GROUPS + _swiglu_groups("pre_feedforward_layernorm"),
+                     norm_offset=1.0, scaled_embeddings=True)
 
 # Phi-3 / Phi-4: fused qkv_proj (rows q, k, v) and gate_up_proj (rows gate, up: Phi3MLP chunks gate first).
 # o_proj's scales go into v's rows only without grouped-query attention (q, k, v of equal height).
@@ -113,9 +111,7 @@ def _awq_moe(experts: Experts, router: str, block: str, **extra: Any) -> LayerSp
     e = f"{experts.path}.{{e}}."
     return LayerSpec(
         layers_path="model.layers",
-        groups=(
-            Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-            Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", when_shapes_match=True),
+        groups=ATTENTION_GROUPS + (
             Group("post_attention_layernorm", (e + experts.gate, e + experts.up), block, input=block,
                   compensate=(router,)),
             Group(e + experts.up, (e + experts.down,), e + experts.down),

@@ -31,12 +31,13 @@ LADDER: tuple[tuple[Q, F], ...] = (
     (Q.Q5_K, F.MOSTLY_Q5_K_M), (Q.Q6_K, F.MOSTLY_Q6_K), (Q.Q8_0, F.MOSTLY_Q8_0),
 )
 UNITS = {"B": 1, "KB": 1_000, "MB": 1_000_000, "GB": 1_000_000_000, "TB": 1_000_000_000_000}
+BUDGET = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)B?\s*", re.I)   # '4.5GB', '800 MB', '4.5G'
 PADDING = 32   # GGUF's default alignment: each tensor may start up to this many bytes later than planned
 
 
 def parse_budget(text: str) -> int:
     """'4.5GB', '4.5 GB', '800MB', '4.5G' → bytes (decimal units, as the Hub shows sizes)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)B?\s*", str(text), flags=re.I)
+    m = BUDGET.fullmatch(str(text))
     if not m or float(m.group(1)) <= 0:
         raise BadOptionError(f"fit '{text}' is not a size: give one such as 4.5GB or 800MB.")
     return int(float(m.group(1)) * UNITS[(m.group(2).upper() + "B") if m.group(2) else "B"])
@@ -44,7 +45,7 @@ def parse_budget(text: str) -> int:
 
 def budget_label(text: str) -> str:
     """The budget as written in the file name: 'FIT-4.5GB'."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)B?\s*", str(text), flags=re.I)
+    m = BUDGET.fullmatch(str(text))
     assert m, text
     return f"FIT-{float(m.group(1)):g}{m.group(2).upper()}B"
 
