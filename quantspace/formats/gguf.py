@@ -317,7 +317,8 @@ class GGUF:
         needs_f16 = "F16" in variants or bool(quantized) or bool(fit)
         # Not a deliverable unless asked for: a hidden name, so an F16 file already in out_dir is left alone.
         base = out_dir / (f"{name}-F16.gguf" if "F16" in variants else f".{name}-F16.intermediate.gguf")
-        converter = converter_for(load_config(model_dir))
+        config = load_config(model_dir)
+        converter = converter_for(config)
         # a bad file or calibration text fails before any work
         plan = imatrix_plan(model_dir, variants + ([fit_variant] if fit_variant else []), ctx)
         wide = [("F16", base)] if needs_f16 else []
@@ -362,7 +363,7 @@ class GGUF:
             outputs.append(Output(fit_variant, (path,), extra, details=details))
         if needs_f16 and "F16" not in variants:
             base.unlink(missing_ok=True)   # the intermediate is not a deliverable
-        if is_multimodal(load_config(model_dir)):
+        if is_multimodal(config):
             outputs = with_mmproj(outputs, model_dir, out_dir / mmproj_name(name), stage)
         return outputs
 
