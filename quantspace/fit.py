@@ -5,6 +5,9 @@ matrix; its sensitivity to a type is the imatrix-weighted squared error of that 
 Σ_cols imatrix[col] · Σ_rows (W − Ŵ)², read back from the files. Starting from every weight at its smallest type,
 a greedy pass buys the upgrade with the most error removed per added byte until the budget is spent. The file is
 then written by llama.cpp with one `^name$=TYPE` override per weight, so its bytes are those that were measured.
+
+A budget is a size ("4.5GB") or a device ("8GB-GPU-8k", "16 GB Mac, 8k context"): the memory the runtime can give
+the model, less its KV cache for that context and llama.cpp's working buffers, is what the file may take.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import gguf
 import numpy as np
 
 from .errors import BadOptionError
+from .multimodal import text_config
 from .report import format_size
 
 if TYPE_CHECKING:
@@ -35,19 +39,115 @@ BUDGET = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)B?\s*", re.I)   # '4.5GB',
 PADDING = 32   # GGUF's default alignment: each tensor may start up to this many bytes later than planned
 
 
+# A device: its memory in GB as sold (GPUs and Macs are sold in GiB), GPU or Mac, and the context in k tokens.
+DEVICE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*GB?\s*[-_ ]?\s*(GPU|Mac)\s*[,;_ -]?\s*([0-9]+)\s*k(?:\s*context)?\s*",
+                    re.I)
+PRESETS = ("8GB-GPU-8k", "12GB-GPU-16k", "16GB-GPU-16k", "24GB-GPU-32k", "16GB-Mac-8k", "32GB-Mac-16k")
+GIB = 1 << 30
+GPU_RESERVE = GIB // 2       # CUDA context, cuBLAS workspace and the desktop's share of the card
+MAC_SHARE = (2 / 3, 3 / 4)   # macOS lets the GPU use about 2/3 of unified memory up to 36 GB, 3/4 above
+UBATCH = 512                 # llama.cpp's default micro-batch: its working buffers scale with it
+NOT_A_BUDGET = "give a size such as 4.5GB or 800MB, or a device such as 8GB-GPU-8k or 16GB-Mac-8k"
+
+
+@dataclass(frozen=True)
+class Device:
+    memory_gb: float
+    kind: str      # "GPU" or "Mac"
+    ctx: int       # tokens of context the KV cache is kept for
+
+    @property
+    def name(self) -> str:
+        return f"{self.memory_gb:g}GB-{self.kind}-{self.ctx // 1024}k"
+
+    def usable(self) -> int:
+        """Bytes of memory the runtime can give llama.cpp on this device."""
+        total = self.memory_gb * GIB
+        if self.kind == "Mac":
+            return int(total * MAC_SHARE[self.memory_gb > 36])
+        return max(0, int(total) - GPU_RESERVE)
+
+
+def device_of(text: str) -> Device | None:
+    m = DEVICE.fullmatch(str(text))
+    if not m or float(m.group(1)) <= 0 or int(m.group(3)) <= 0:
+        return None
+    kind = "GPU" if m.group(2).upper() == "GPU" else "Mac"
+    return Device(float(m.group(1)), kind, int(m.group(3)) * 1024)
+
+
+def check_budget(text: str) -> None:
+    """BadOptionError unless `text` is a size or a device."""
+    if device_of(text) is None:
+        parse_budget(text)
+
+
 def parse_budget(text: str) -> int:
     """'4.5GB', '4.5 GB', '800MB', '4.5G' → bytes (decimal units, as the Hub shows sizes)."""
     m = BUDGET.fullmatch(str(text))
     if not m or float(m.group(1)) <= 0:
-        raise BadOptionError(f"fit '{text}' is not a size: give one such as 4.5GB or 800MB.")
+        raise BadOptionError(f"fit '{str(text).strip()}' is not a size or a device: {NOT_A_BUDGET}.")
     return int(float(m.group(1)) * UNITS[(m.group(2).upper() + "B") if m.group(2) else "B"])
 
 
 def budget_label(text: str) -> str:
-    """The budget as written in the file name: 'FIT-4.5GB'."""
+    """The budget as written in the file name: 'FIT-4.5GB', 'FIT-8GB-GPU-8k'."""
+    device = device_of(text)
+    if device is not None:
+        return f"FIT-{device.name}"
     m = BUDGET.fullmatch(str(text))
     assert m, text
     return f"FIT-{float(m.group(1)):g}{m.group(2).upper()}B"
+
+
+def kv_cache_bytes(config: dict[str, Any], ctx: int) -> int:
+    """llama.cpp's F16 KV cache for `ctx` tokens: every full-attention layer keeps them all, a sliding-window layer
+    its window plus a micro-batch (as llama-server keeps it; --swa-full keeps all), a linear-attention or
+    recurrent layer no per-token cache. llama.cpp allocates cells in multiples of 256."""
+    text = text_config(config)
+    layers = int(text.get("num_hidden_layers") or 0)
+    heads = int(text.get("num_attention_heads") or 1)
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or int(text.get("hidden_size") or 0) // heads)
+    window = int(text.get("sliding_window") or 0)
+    kinds = list(text.get("layer_types") or ["full_attention"] * layers)
+    full = _cells(ctx)
+    tokens = 0
+    for kind in kinds:
+        if kind == "full_attention":
+            tokens += full
+        elif kind in ("sliding_attention", "chunked_attention") and window:
+            tokens += min(full, _cells(window + UBATCH))
+        elif "attention" in kind and "linear" not in kind:
+            tokens += full   # an attention kind we do not know: the whole context, to be safe
+    return tokens * 2 * kv_heads * head_dim * 2   # K and V, 2 bytes each
+
+
+def _cells(tokens: int) -> int:
+    return -(-tokens // 256) * 256
+
+
+def working_bytes(config: dict[str, Any]) -> int:
+    """llama.cpp's compute buffers for one micro-batch: the logits and the widest activations, in float32."""
+    text = text_config(config)
+    widest = max(int(text.get("intermediate_size") or 0), int(text.get("hidden_size") or 0))
+    return UBATCH * (int(text.get("vocab_size") or 0) + 4 * widest) * 4
+
+
+def file_budget(text: str, config: dict[str, Any]) -> tuple[int, str]:
+    """The bytes the fitted file may take, and how they were reckoned (for the report and the card).
+    BadOptionError when the device has no room left for any file."""
+    device = device_of(text)
+    if device is None:
+        budget = parse_budget(text)
+        return budget, f"a budget of {format_size(budget)}"
+    usable, kv, work = device.usable(), kv_cache_bytes(config, device.ctx), working_bytes(config)
+    how = (f"{device.name}: {format_size(usable)} the runtime can use, less {format_size(kv)} of KV cache for "
+           f"{device.ctx} tokens and {format_size(work)} of working buffers")
+    if usable - kv - work <= 0:
+        raise BadOptionError(f"fit {device.name}: {how} leaves no room for the model; pick a shorter context or a "
+                             "larger device. Nothing was written.")
+    return usable - kv - work, how
 
 
 @dataclass(frozen=True)
@@ -121,6 +221,12 @@ def measure(f16: Path, candidates: dict[Q, Path], imatrix: "Imatrix | None",
     return options, fixed
 
 
+def too_small(fit: str, smallest: int, budget: int) -> BadOptionError:
+    return BadOptionError(f"fit {fit.strip()}: the smallest file this model can be is {format_size(smallest)} (every "
+                          f"weight at its smallest type, {LADDER[0][0].name} where its rows allow), over the "
+                          f"{format_size(budget)} the budget leaves for it; give a larger budget. Nothing was written.")
+
+
 def choose(options: dict[str, list[Choice]], fixed: int, budget: int, label: str) -> Plan:
     """Greedy: every weight at its smallest choice, then the upgrade with the most error removed per added byte,
     while the file fits. BadOptionError when even the smallest file does not fit."""
@@ -129,9 +235,7 @@ def choose(options: dict[str, list[Choice]], fixed: int, budget: int, label: str
     size = fixed + margin + sum(o[0].nbytes for o in options.values())
     smallest = size
     if size > budget:
-        raise BadOptionError(f"fit {label}: the smallest file this model can be is {format_size(smallest)} (every "
-                             f"weight at its smallest type, {LADDER[0][0].name} where its rows allow), over the "
-                             f"budget of {format_size(budget)}; give a larger budget. Nothing was written.")
+        raise too_small(label, smallest, budget)
     while True:
         best: tuple[float, str, int] | None = None
         for name, ladder in options.items():

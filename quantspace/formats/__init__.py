@@ -83,6 +83,7 @@ class Option:
     minimum: float | None = None     # for numbers
     label: str | None = None         # for the page; default: the name in words
     advanced: bool = False           # the page puts it in its format's "Advanced" section
+    suggestions: tuple[str, ...] = ()  # common values the page offers for a free-text option
 
     @property
     def flag(self) -> str:

@@ -17,12 +17,13 @@ from ..converter import llama_cpp as lcpp_convert
 from ..archs import load_config
 from ..converter.streaming import HParams, convert
 from ..errors import QuantizeError, UnsupportedArchitectureError
-from ..fit import LADDER, budget_label, choose, measure, parse_budget
+from ..fit import PRESETS, budget_label, check_budget
 from ..imatrix import IMATRIX_NAME
 from ..multimodal import is_multimodal, text_config, tower_of
 from ..converter.tensor_types import (Overrides, choose_types, f16_tensors, file_bytes, generic_f16_tensors,
                                      generic_model_facts, kv_bytes, model_facts)
 from . import Context, Option, Output, TensorStats, Tick, pick_variants, run_directly
+from .gguf_fit import fit_file, fit_note, fit_size
 from .gguf_types import (TYPE_OPTIONS, apply_overrides, check_fit, check_imatrix, check_ternary, overrides_of,
                          recipe)
 
@@ -249,9 +250,10 @@ class GGUF:
                label="Calibration dataset (Hub id or file)"),
         Option("imatrix_chunks", 64, "imatrix calibration chunks", minimum=1, label="Imatrix chunks"),
         Option("imatrix_ctx", 512, "tokens per imatrix chunk", minimum=16, label="Imatrix tokens per chunk"),
-        Option("fit", "", "a size budget, e.g. 4.5GB: also write <name>-FIT-4.5GB.gguf, the per-tensor types "
-               "(Q2_K to Q8_0) with the least imatrix-weighted error that fit it (empty: off)",
-               label="Best file for a size budget (e.g. 4.5GB)"),
+        Option("fit", "", "a size budget (4.5GB) or a device (8GB-GPU-8k, 16GB-Mac-8k: its memory less the KV "
+               "cache for that context): also write <name>-FIT-<budget>.gguf, the per-tensor types (Q2_K to Q8_0) "
+               "with the least imatrix-weighted error that fit it (empty: off)",
+               label="Best file for a size or a device", suggestions=PRESETS),
     ) + TYPE_OPTIONS
     needs_gpu = False
 
@@ -281,7 +283,7 @@ class GGUF:
         check_imatrix(options, [v for v in variants if v in VARIANTS and VARIANTS[v].needs_imatrix],
                       overrides_of(options))
         if str(options.get("fit") or "").strip():
-            parse_budget(str(options["fit"]))
+            check_budget(str(options["fit"]))
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         """The file each variant will be: llama.cpp's own per-tensor type choice, header and padding included."""
@@ -303,6 +305,10 @@ class GGUF:
             else:
                 types = choose_types(tensors, VARIANTS[v].ftype, facts, uses_imatrix(stats.options, v), overrides)
             sizes[v] = file_bytes(tensors, types, kv)
+        fit = str(stats.options.get("fit") or "").strip()
+        if fit:
+            sizes[budget_label(fit)] = fit_size(fit, stats.config, tensors, facts, uses_imatrix(stats.options, "FIT"),
+                                                overrides, kv)
         if is_multimodal(stats.config):
             sizes[MMPROJ] = mmproj_bytes(stats.shapes)
         return sizes
@@ -355,7 +361,7 @@ class GGUF:
             used = imatrix if fit_variant in plan.users else None
             path = out_dir / f"{name}-{fit_variant}.gguf"
             details = {"converter": converter, **plan.details(fit_variant),
-                       **fit_file(base, path, fit, used, ctx.workdir or out_dir, stage)}
+                       **fit_file(base, path, fit, config, used, overrides, ctx.workdir or out_dir, stage)}
             details["tensor_type_counts"] = type_counts(path)
             extra = ()
             if used is not None and used.path is not None and not plan.published:
@@ -425,73 +431,6 @@ class GGUF:
                       "the same for every file above): give it with `--mmproj` to use images. The accuracy "
                       "numbers are the language model's, on text only, against the source's language model.")
         return notes
-
-
-# --- --fit: the best file for a size budget (the optimiser is quantspace/fit.py) ---
-
-def fit_file(f16: Path, path: Path, fit: str, imatrix: "Imatrix | None", work: Path, stage: Any) -> dict[str, Any]:
-    """Quantize the F16 file once per ladder type, measure each weight's error in each, choose the types, write
-    `path` with them; returns the report's details (the recipe). BadOptionError when the budget is too small."""
-    budget, label = parse_budget(fit), budget_label(fit)
-    candidates: dict[Any, Path] = {}
-    try:
-        tick = stage(f"{label}: quantize candidates")
-        for i, (qtype, ftype) in enumerate(LADDER):
-            tick(i, len(LADDER))
-            candidates[qtype] = work / f".{path.stem}-candidate-{qtype.name}.gguf"
-            llama_quantize(f16, candidates[qtype], ftype, imatrix=imatrix,
-                           overrides=Overrides(patterns=((".", qtype),)))   # every weight this type, where it fits
-        tick(len(LADDER), len(LADDER))
-        options, fixed = measure(f16, candidates, imatrix, stage(f"{label}: measure each weight"))
-    finally:
-        for p in candidates.values():
-            p.unlink(missing_ok=True)
-    plan = choose(options, fixed, budget, fit.strip())
-    counts: dict[Any, int] = {}
-    for t in plan.types.values():
-        counts[t] = counts.get(t, 0) + 1
-    common = max(counts, key=lambda t: counts[t]) if counts else LADDER[-1][0]
-    ftype = next((f for q, f in LADDER if q == common), LADDER[-1][1])
-    tick = stage(f"quantize {label}")
-    tick(0, 1)
-    llama_quantize(f16, path, ftype, imatrix=imatrix, overrides=Overrides(patterns=plan.overrides()))
-    tick(1, 1)
-    size = path.stat().st_size
-    if size > budget:   # the plan keeps a padding margin, so this means llama.cpp chose otherwise than measured
-        path.unlink()
-        raise QuantizeError(f"The {label} file came out at {size} bytes, over its budget of {budget}: llama.cpp "
-                            "did not write the measured types. Nothing was kept.")
-    return {"fit_budget_bytes": budget, "fit_expected_bytes": plan.expected_bytes,
-            "fit_smallest_bytes": plan.smallest_bytes, "fit_weighted_error": plan.error, "recipe": plan.recipe()}
-
-
-def fit_note(report: "Report") -> str:
-    """Card lines: what the FIT file is and how it compares with the stock variants."""
-    from ..report import format_number, format_size
-
-    lines = []
-    stock = [f for f in report.files if not (f.details or {}).get("fit_budget_bytes")]
-    for f in report.files:
-        d = f.details or {}
-        if not d.get("fit_budget_bytes"):
-            continue
-        kld = (f.metrics or {}).get("kld_mean")
-        mix = ", ".join(f"{n} × {t}" for t, n in (d.get("tensor_type_counts") or {}).items() if t != "F32")
-        line = (f"`{f.filename}` is the file fitted to a budget of {format_size(d['fit_budget_bytes'])}: each "
-                "weight's type (Q2_K to Q8_0) was chosen to minimise its importance-weighted quantization error, "
-                f"measured on the calibration text, within the budget ({mix}; the full recipe is in "
-                f"`quantspace.json`). It is {format_size(f.size_bytes)}")
-        if kld is not None:
-            line += f" with a KLD of {format_number(kld, '.5f')}"
-            near = [s for s in stock if (s.metrics or {}).get("kld_mean") is not None]
-            smaller = max((s for s in near if s.size_bytes <= f.size_bytes), key=lambda s: s.size_bytes, default=None)
-            larger = min((s for s in near if s.size_bytes > f.size_bytes), key=lambda s: s.size_bytes, default=None)
-            cmp = [f"{s.variant} ({format_size(s.size_bytes)}, KLD {format_number(s.metrics['kld_mean'], '.5f')})"
-                   for s in (smaller, larger) if s is not None]
-            if cmp:
-                line += "; the stock files beside it: " + ", ".join(cmp)
-        lines.append(line + ".")
-    return "\n\n".join(lines)
 
 
 # --- multimodal checkpoints: the towers go to one projector file ---
@@ -609,8 +548,8 @@ def imatrix_plan(model_dir: Path, variants: list[str], ctx: Context) -> ImatrixP
     from ..imatrix_compute import calibration_chunks
 
     mode = str(ctx.options.get("imatrix") or "auto").strip()
-    below = [v for v in variants if v not in DIRECT and v not in WITHOUT_IMATRIX]
-    if mode.lower() == "off" or not below:
+    below = [v for v in variants if uses_imatrix(ctx.options, v)]
+    if not below:
         return ImatrixPlan([], "off")
     if mode.lower() != "auto":
         return ImatrixPlan(below, "file", given=read_imatrix(mode))

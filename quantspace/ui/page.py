@@ -107,6 +107,9 @@ def _control(opt: Option, enabled: bool) -> gr.Component:
     label = opt.title
     if opt.choices is not None:
         return gr.Dropdown(list(opt.choices), value=opt.default, label=label, info=opt.help, interactive=enabled)
+    if opt.suggestions:
+        return gr.Dropdown([opt.default, *opt.suggestions], value=opt.default, label=label, info=opt.help,
+                           allow_custom_value=True, interactive=enabled)
     if isinstance(opt.default, bool):
         return gr.Checkbox(value=opt.default, label=label, info=opt.help, interactive=enabled)
     if isinstance(opt.default, (int, float)):
