@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from . import scratch
 from .card import build_card
 from .chart import write_chart
-from .formats import Context, Format, GpuRunner, Output, check_options, get_format, resolve_device, run_directly
+from .formats import (Context, Format, GpuRunner, Output, TensorStats, check_options, get_format, resolve_device,
+                      run_directly)
 from .errors import BadOptionError, DiskFullError
 from .hub import Token, check_target, push_folder, repo_url, resolve_token
 from .report import EvalInfo, FileResult, Report, format_size
@@ -137,6 +138,7 @@ def quantize(
         check_target(push, token)
     info = resolve(source, token=token, allow_pickle=allow_pickle)
     fmt.check_source(info.config, chosen)
+    _check_sizes(fmt, info, chosen, opts, token)
 
     name = f"{info.name}-{fmt.suffix}"
     out_dir = Path(out) if out else Path("quantspace-out") / name
@@ -197,6 +199,19 @@ WORK_PREFIX = "quantspace-work-"
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
+def _check_sizes(fmt: Format, info: SourceInfo, chosen: list[str], opts: dict[str, Any], token: str | None) -> None:
+    """The size estimate from the weights' headers, before the download: it refuses what no file can meet (a
+    --fit budget below the smallest file). Anything else it cannot tell is left to the steps after the download."""
+    from .estimate import tensor_shapes
+
+    try:
+        fmt.estimate(TensorStats(tensor_shapes(info, token), info.config, info.files, opts), chosen)
+    except BadOptionError:
+        raise
+    except Exception:  # an estimate is advice; a model it cannot size is still made
+        return
+
+
 def _staging_prefix(out_dir: Path) -> str:
     return f".quantspace-partial-{out_dir.name}-"
 
@@ -250,7 +265,6 @@ def _disk_needed(fmt: Format, info: SourceInfo, chosen: list[str], in_work: bool
                  settings: "EvalSettings", token: Token) -> int | None:
     """Bytes the job writes on the disk that filled: outputs + the 16-bit intermediate next to the output;
     the evaluation scratch in the temp folder."""
-    from .formats import TensorStats
     from .preflight import FP16_BYTES, eval_scratch_bytes
 
     try:

@@ -190,9 +190,11 @@ class HubServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def inject(self, path_regex: str, faults: Sequence[Fault], method: str | None = None) -> None:
-        """Answer the next requests whose path matches with these faults, one each (see `Fault`)."""
-        self._faults.add(path_regex, faults, method)
+    def inject(self, path_regex: str, faults: Sequence[Fault], method: str | None = None,
+               whole_files: bool = False) -> None:
+        """Answer the next requests whose path matches with these faults, one each (see `Fault`); with
+        `whole_files`, only requests for a whole file (not a Range read such as a safetensors header)."""
+        self._faults.add(path_regex, faults, method, whole_files)
 
     @property
     def faults_log(self) -> list[tuple[str, str, str]]:
@@ -802,17 +804,18 @@ class _FaultyWriter:
 class FaultPlan:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._rules: list[tuple[re.Pattern[str], str | None, list[Fault]]] = []
+        self._rules: list[tuple[re.Pattern[str], str | None, bool, list[Fault]]] = []
         self.log: list[tuple[str, str, str]] = []
 
-    def add(self, path_regex: str, faults: Sequence[Fault], method: str | None) -> None:
+    def add(self, path_regex: str, faults: Sequence[Fault], method: str | None, whole_files: bool = False) -> None:
         with self._lock:
-            self._rules.append((re.compile(path_regex), method.upper() if method else None, list(faults)))
+            self._rules.append((re.compile(path_regex), method.upper() if method else None, whole_files,
+                                list(faults)))
 
-    def _take(self, method: str, path: str) -> Fault | None:
+    def _take(self, method: str, path: str, ranged: bool) -> Fault | None:
         with self._lock:
-            for regex, want, faults in self._rules:
-                if faults and (want is None or want == method) and regex.search(path):
+            for regex, want, whole_files, faults in self._rules:
+                if faults and (want is None or want == method) and regex.search(path) and not (whole_files and ranged):
                     fault = faults.pop(0)
                     self.log.append((method, path, str(fault)))
                     return fault
@@ -820,7 +823,7 @@ class FaultPlan:
 
     def apply(self, handler: Any, path: str) -> bool:
         """Serve the next fault for this request, if any; True when the request was answered by it."""
-        fault = self._take(handler.command, path)
+        fault = self._take(handler.command, path, "range" in {k.lower() for k in handler.headers.keys()})
         if fault is None:
             return False
         if isinstance(fault, str):

@@ -72,7 +72,7 @@ def test_download_busy_hub_is_retried(hub, tiny_bpe, tmp_path, tmpdir_env, waits
 
     seed(hub, "quantorg/tiny", tiny_bpe)
     # huggingface_hub waits out a 429 on a download itself (honouring Retry-After); 5xx are ours to retry.
-    hub.inject(SAFETENSORS_GET, [503, {"status": 429, "retry_after": 1}, 500], method="GET")
+    hub.inject(SAFETENSORS_GET, [503, {"status": 429, "retry_after": 1}, 500], method="GET", whole_files=True)
     report = quantize("quantorg/tiny", variants="F16", out=tmp_path / "out", no_eval=True)
     assert [f for _, _, f in hub.faults_log] == ["503", str({"status": 429, "retry_after": 1}), "500"]
     assert waits == [retry.BACKOFF_S, 2 * retry.BACKOFF_S]   # our backoff, once per 5xx
@@ -87,7 +87,7 @@ def test_download_cut_short_or_spoiled_is_never_used(hub, tiny_bpe, tmp_path, tm
     from quantspace import quantize
 
     seed(hub, "quantorg/tiny-llama-bpe", tiny_bpe)   # the same name as the folder: the same GGUF metadata
-    hub.inject(SAFETENSORS_GET, [fault], method="GET")
+    hub.inject(SAFETENSORS_GET, [fault], method="GET", whole_files=True)
     quantize("quantorg/tiny-llama-bpe", variants="F16", out=tmp_path / "hub", no_eval=True)
     quantize(str(tiny_bpe), variants="F16", out=tmp_path / "local", no_eval=True)
     assert hub.faults_log and hub.faults_log[0][2] == fault
@@ -103,7 +103,7 @@ def test_download_cut_short_or_spoiled_is_never_used(hub, tiny_bpe, tmp_path, tm
 def test_download_that_keeps_failing_is_one_clear_error(hub, tiny_bpe, tmp_path, tmpdir_env, waits, capsys,
                                                         monkeypatch):
     seed(hub, "quantorg/tiny", tiny_bpe)
-    hub.inject(SAFETENSORS_GET, [503] * 20, method="GET")
+    hub.inject(SAFETENSORS_GET, [503] * 20, method="GET", whole_files=True)
     monkeypatch.setenv("HF_TOKEN", ALICE_TOKEN)
     out_dir = tmp_path / "out"
     code, _, err = run_cli(["quantize", "quantorg/tiny", "--no-eval", "--push", "alice/tiny-GGUF",
@@ -372,7 +372,8 @@ def test_hub_faults_do_what_they_say(hub, tiny_bpe):
 
     seed(hub, "quantorg/tiny", tiny_bpe)
     size = (tiny_bpe / "model.safetensors").stat().st_size
-    hub.inject(SAFETENSORS_GET, [{"status": 429, "retry_after": 3}, "truncate", "drop"], method="GET")
+    hub.inject(SAFETENSORS_GET, [{"status": 429, "retry_after": 3}, "truncate", "drop"], method="GET",
+               whole_files=True)
     host = urlsplit(hub.url)
 
     def get() -> http.client.HTTPResponse:
