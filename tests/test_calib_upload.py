@@ -5,13 +5,17 @@ is one line. Typing a path on the Space's disk stays refused."""
 from __future__ import annotations
 
 import json
+import re
 import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.test_app import TINY, served  # noqa: F401  (the app fixture, launched once for this module)
+from tests.test_ui_browser import CHROMIUM, app_url, browser  # noqa: F401  (python app.py, and chromium)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Gradio does not support OAuth")
 SMALL = {"imatrix_chunks": 2, "imatrix_ctx": 64}
@@ -189,3 +193,37 @@ def test_an_upload_keeps_only_a_plain_base_name(given, plain):
     from quantspace.ui.jobs import upload_name
 
     assert upload_name(given) == plain
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_page_uploads_a_calibration_file_and_runs(app_url, browser, notes):  # noqa: F811
+    """In a real browser: the GGUF tab's "Calibration file", an upload, Quantize: the job used that file."""
+    from playwright.sync_api import expect
+
+    url, _, _, app_log = app_url
+    page = browser.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    model = page.locator("#model textarea, #model input").first
+    model.fill(TINY)
+    model.press("Enter")
+    expect(page.locator("#preflight")).to_contain_text("Ready.", timeout=60_000)   # the first imports torch
+    upload = page.locator("#calib-file-gguf")
+    expect(upload).to_contain_text("Calibration file")
+    expect(page.get_by_text("An uploaded file wins over the box above")).to_be_visible()
+    upload.locator("input[type=file]").set_input_files(str(notes))
+    expect(upload).to_contain_text("my notes.jsonl", timeout=30_000)
+    for label, value in (("Imatrix chunks", "2"), ("Imatrix tokens per chunk", "64")):
+        page.get_by_label(label).fill(value)
+    page.locator("#evaluate input").uncheck()
+    page.locator("#run").click()
+    expect(page.locator("#result")).to_contain_text("Done (not pushed)", timeout=180_000)
+    expect(page.locator("#log textarea")).to_have_value(re.compile(r"calibration text: my_notes.jsonl \(uploaded\)"))
+    report = next(a.get_attribute("href") for a in page.locator("#files a").all()
+                  if a.get_attribute("href").endswith("quantspace.json"))
+    with urllib.request.urlopen(urllib.parse.urljoin(url, report)) as r:
+        data = json.load(r)
+    assert {f["details"].get("imatrix_dataset") for f in data["files"] if f["variant"] != "Q8_0"} == {"my_notes.jsonl"}
+    page.close()
+    log = app_log.read_text(errors="replace")   # no handler failed silently (Gradio logs a traceback then)
+    assert not re.search(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", log, re.M), log[-4000:]
