@@ -62,7 +62,8 @@ def test_an_uploaded_jsonl_calibrates_the_imatrix_on_a_space(served, notes, tiny
 
     before = served.files_left()
     client = served.client()
-    report = client.predict(TINY, "gguf", ["Q4_K_M"], SMALL, "", False, False, "", handle_file(str(notes)),
+    typed = {**SMALL, "calib_dataset": "quantorg/no-such-dataset"}     # the upload wins over the text
+    report = client.predict(TINY, "gguf", ["Q4_K_M"], typed, "", False, False, "", handle_file(str(notes)),
                             api_name="/quantize")
     (details,) = [f["details"] for f in report["files"]]
     assert details["imatrix_dataset"] == "my_notes.jsonl"          # its base name (spaces made plain), no path
