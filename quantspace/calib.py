@@ -79,8 +79,11 @@ def calibration_blocks(model_dir: Path, n_samples: int, seqlen: int, dataset: st
 def local_file(dataset: str) -> Path | None:
     """The local file a calibration setting names (an existing file, or a name with a text suffix and no
     "id:file" colon), or None for a Hub dataset id; CalibrationError when such a file is missing."""
-    from .source import folder_allowed, on_space
+    from .source import folder_allowed, on_space, trusted_file
 
+    uploaded = trusted_file(dataset)
+    if uploaded is not None:   # the running job's own copy of an upload, named by its base name
+        return uploaded
     path = Path(dataset.strip()).expanduser()
     looks_local = path.is_absolute() or path.suffix in _TEXT_SUFFIXES and ":" not in dataset
     if (path.is_file() or looks_local) and not folder_allowed(path):

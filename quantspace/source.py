@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError as HfGatedRepoError
@@ -98,6 +100,29 @@ def allowed_folders() -> list[Path]:
     """Folders a Space's operator lets visitors name (QUANTSPACE_ALLOWED_FOLDERS, separated by os.pathsep)."""
     value = os.environ.get("QUANTSPACE_ALLOWED_FOLDERS", "")
     return [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p.strip()]
+
+
+# Files the running job put in place itself (a visitor's upload, copied into that job's folder), by the name the
+# job passes as an option. Set only by code, around one job's work, in that job's own context: no text a visitor
+# types can add to it, and another job (another thread, another context) never sees it.
+_trusted_files: contextvars.ContextVar[dict[str, Path]] = contextvars.ContextVar("quantspace_trusted_files",
+                                                                                 default={})
+
+
+@contextmanager
+def allowed_files(files: dict[str, Path]) -> Iterator[None]:
+    """While inside, `trusted_file(name)` gives these files (calib.local_file reads them on a Space too). Only
+    by that exact name: `folder_allowed` is unchanged, so neither their folder nor their path opens to anyone."""
+    token = _trusted_files.set({**_trusted_files.get(), **{n: Path(p).resolve() for n, p in files.items()}})
+    try:
+        yield
+    finally:
+        _trusted_files.reset(token)
+
+
+def trusted_file(name: str) -> Path | None:
+    """The file the current job put in place under this name, if any."""
+    return _trusted_files.get().get(name.strip())
 
 
 def folder_allowed(path: Path) -> bool:

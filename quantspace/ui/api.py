@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.data_classes import FileData
 
-from ..errors import QuantSpaceError
+from ..errors import CalibrationError, QuantSpaceError
 from ..preflight import on_space, preflight
 from .jobs import REGISTRY, Cancelled, Job, JobSpec, Snapshot, account_of, user_token
 
@@ -70,22 +71,49 @@ def preflight_api(model: str, method: str = "gguf", variants: list[str] | None =
 
 
 def _spec(model: str, method: str, variants: list[str] | None, options: dict[str, Any] | None, target: str,
-          private: bool, evaluate: bool) -> JobSpec:
+          private: bool, evaluate: bool, calib_file: Any = None) -> JobSpec:
+    upload = uploaded(calib_file)
     return JobSpec(model=model, method=method, variants=list(variants or []), options=dict(options or {}),
-                   target=(target or "").strip() or None, private=private, evaluate=evaluate)
+                   target=(target or "").strip() or None, private=private, evaluate=evaluate,
+                   calib_file=upload[0] if upload else None, calib_name=upload[1] if upload else None)
+
+
+def uploaded(value: Any) -> tuple[str, str] | None:
+    """(path, the visitor's file name) of a file uploaded to this app (the page's gr.File gives a path, an API
+    call a FileData), or None for none. Only a file inside Gradio's upload folder: an API call's FileData is the
+    caller's own JSON, and Gradio checks its path only when it carries FileData's `meta` marker."""
+    from gradio.utils import get_upload_folder
+
+    if not value:
+        return None
+    if isinstance(value, FileData):
+        value = value.model_dump()
+    path, name = (value.get("path"), value.get("orig_name")) if isinstance(value, dict) else (value, None)
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise readable(CalibrationError("calib_file is not a file: pass handle_file(PATH) with gradio_client."))
+    real = Path(path).resolve()
+    if not (real.is_relative_to(Path(get_upload_folder()).resolve()) and real.is_file()):
+        raise readable(CalibrationError("calib_file must be a file uploaded with the call (gradio_client: "
+                                        "handle_file(PATH)), not a path on this app's disk."))
+    return str(real), Path(str(name or real.name)).name
 
 
 async def quantize_api(model: str, method: str = "gguf", variants: list[str] | None = None,
                        options: dict[str, Any] | None = None, target: str = "", private: bool = False,
-                       evaluate: bool = True, hf_token: str = "", oauth_token: gr.OAuthToken | None = None,
+                       evaluate: bool = True, hf_token: str = "", calib_file: FileData | None = None,
+                       oauth_token: gr.OAuthToken | None = None,
                        request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
     """Quantize `model` with `method`; push to `target` (owner/name) when given. Returns the report
     (quantspace.json) with `repo_url` when pushed. Progress is reported per stage. The job runs to its end even
-    if the connection drops; use /start_job and /job_status to follow it by id instead."""
+    if the connection drops; use /start_job and /job_status to follow it by id instead. `calib_file`: your own
+    calibration text (.txt, .jsonl, .json or .parquet; gradio_client: handle_file(PATH)), which replaces
+    options["calib_dataset"]."""
     progress = gr.Progress()
     token = token_for(hf_token, oauth_token)
     owner = await asyncio.to_thread(caller, hf_token, oauth_token)    # asks the Hub: not on the event loop
-    job = start_job(_spec(model, method, variants, options, target, private, evaluate), token, owner, request)
+    spec = _spec(model, method, variants, options, target, private, evaluate, calib_file)
+    # Starting copies and reads an uploaded calibration file: not on the event loop either.
+    job = await asyncio.to_thread(start_job, spec, token, owner, request)
     # Waiting holds no thread; if the connection drops, Gradio cancels this coroutine and the job goes on.
     async for snap in job.watch():
         show_progress(progress, snap)
@@ -106,12 +134,13 @@ def show_progress(progress: gr.Progress, snap: Snapshot) -> None:
 
 def start_job_api(model: str, method: str = "gguf", variants: list[str] | None = None,
                   options: dict[str, Any] | None = None, target: str = "", private: bool = False,
-                  evaluate: bool = True, hf_token: str = "", oauth_token: gr.OAuthToken | None = None,
+                  evaluate: bool = True, hf_token: str = "", calib_file: FileData | None = None,
+                  oauth_token: gr.OAuthToken | None = None,
                   request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
     """Start the same job as /quantize and return at once with its status (`job_id`, `state`...): follow it
     with /job_status, stop it with /cancel_job. Started with a token, it is visible to that account only."""
     token = token_for(hf_token, oauth_token)
-    job = start_job(_spec(model, method, variants, options, target, private, evaluate), token,
+    job = start_job(_spec(model, method, variants, options, target, private, evaluate, calib_file), token,
                     caller(hf_token, oauth_token), request)
     return job.status()
 

@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -22,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from ..errors import AuthError, QuantSpaceError, first_line
+from ..errors import AuthError, CalibrationError, QuantSpaceError, first_line
 from ..formats import run_directly
 from ..preflight import gpu_seconds, on_space, on_zero_gpu
+from ..source import allowed_files
 from .gpu import gpu_runner
 from .views import Log
 
@@ -34,6 +36,7 @@ RETENTION_S = 3 * 3600          # default for QUANTSPACE_JOB_RETENTION_S
 MAX_QUEUED = 8                  # default for QUANTSPACE_MAX_QUEUED_JOBS
 ACCOUNT_TTL_S = 300             # how long a token's account name is remembered (in memory only)
 ENDED = ("finished", "failed", "cancelled")
+MAX_UPLOAD_BYTES = 200 * 1000 * 1000   # a calibration upload larger than this is refused before it is copied
 
 
 def jobs_root(create: bool = True) -> Path:
@@ -125,6 +128,10 @@ class JobSpec:
     target: str | None = None         # push here when set
     private: bool = False
     evaluate: bool = True
+    # An uploaded calibration file (its path where the web server put it; the caller has checked that it is an
+    # upload) and the name the visitor gave it. It replaces options["calib_dataset"] for this job only.
+    calib_file: str | None = None
+    calib_name: str | None = None
 
 
 @dataclass
@@ -198,6 +205,12 @@ class Job:
         self._lane = lane
         # The folder's name is random too, and unrelated to the id.
         self.dir = Path(tempfile.mkdtemp(prefix="job-", dir=jobs_root()))
+        try:
+            # Copied now: the web server's temp copy may be cleaned while the job waits for its turn.
+            self._upload = take_upload(spec.calib_file, spec.calib_name, self.dir) if spec.calib_file else None
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         _live_dirs.add(self.dir)
         self.result: JobResult | None = None
         self.error: BaseException | None = None
@@ -211,6 +224,8 @@ class Job:
         self._changed = threading.Condition()
         self._cancel = threading.Event()
         self._log.note(f"started {spec.model} → {spec.method.upper()} {', '.join(spec.variants)}".rstrip())
+        if self._upload is not None:
+            self._log.note(f"calibration text: {self._upload[0]} (uploaded)")
         # The caller's context (Gradio's request) goes with the thread: ZeroGPU reads it to bill the visitor.
         context = contextvars.copy_context()
         self._thread = threading.Thread(target=context.run, args=(self._run,), name="quantspace-job",
@@ -262,10 +277,18 @@ class Job:
         params = self._parameters() if on_zero_gpu() else None
         window = gpu_seconds(params) if params is not None else None
         runner = gpu_runner(params) if params is not None else run_directly
-        report = quantize(spec.model, method=spec.method, variants=spec.variants or None, out=out,
-                          push=spec.target or None, private=spec.private, no_eval=not spec.evaluate,
-                          token=self._token, progress=self._tick, options=spec.options, device="auto",
-                          run_gpu=runner, gpu_window_s=window)
+        options, trusted = dict(spec.options), {}
+        if self._upload is not None:
+            # The option names the upload by its base name (so the report and card show only that); this job's
+            # context alone maps that name to its copy. Calibration text is read in this thread, before any
+            # GPU window, so the mapping is where calib.local_file looks.
+            name, copy = self._upload
+            options["calib_dataset"], trusted = name, {name: copy}
+        with allowed_files(trusted):
+            report = quantize(spec.model, method=spec.method, variants=spec.variants or None, out=out,
+                              push=spec.target or None, private=spec.private, no_eval=not spec.evaluate,
+                              token=self._token, progress=self._tick, options=options, device="auto",
+                              run_gpu=runner, gpu_window_s=window)
         data = report.to_dict()
         files = [out / "quantspace.json"]
         if not data.get("repo_url"):   # not pushed: the files themselves are the result
@@ -354,6 +377,40 @@ class Job:
         """Stop at the next step (or before starting, if it is still waiting); everything it wrote is removed."""
         self._cancel.set()
         self._lane.wake()
+
+
+def upload_name(name: str) -> str:
+    """A plain file name from the name a visitor gave an upload: its base name only (no folders), odd characters
+    replaced, the suffix in lower case (it decides how the file is read)."""
+    base = re.sub(r"[^\w.\-]", "_", Path(name.replace("\\", "/")).name)
+    stem, dot, ext = base.rpartition(".")
+    if not dot:
+        stem, ext = base, ""
+    stem = stem.lstrip(".")[-80:] or "calibration"     # never a hidden file, never empty
+    return f"{stem}{dot}{ext.lower()[:10]}"
+
+
+def take_upload(path: str, name: str | None, job_dir: Path) -> tuple[str, Path]:
+    """(name, copy): an uploaded calibration file copied into the job's folder, after refusing one that is too
+    large; then read once, so a file that is not calibration text fails now, in one line, not after the queue
+    and the download."""
+    from ..calib import load_calibration_text
+
+    source = Path(path)
+    name = upload_name(name or source.name)
+    if not source.is_file():
+        raise CalibrationError(f"The uploaded calibration file {name} is gone; upload it again.")
+    size = source.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise CalibrationError(f"{name} is {size / 1e6:.0f} MB; a calibration file may be at most "
+                               f"{MAX_UPLOAD_BYTES // 10**6} MB.")
+    folder = job_dir / "calib"
+    folder.mkdir()
+    copy = folder / name
+    shutil.copyfile(source, copy)
+    with allowed_files({name: copy}):
+        load_calibration_text(name)
+    return name, copy
 
 
 def _keep_only(folder: Path, keep: set[Path]) -> None:

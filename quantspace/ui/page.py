@@ -6,6 +6,7 @@ Built from `quantspace.formats.REGISTRY`: every format gets a tab with its varia
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -17,7 +18,7 @@ from ..retry import status_of
 from ..formats import REGISTRY, Format, Option, get_format
 from ..preflight import on_space, on_zero_gpu, preflight
 from . import api
-from .jobs import Job, JobSpec, retention_s
+from .jobs import MAX_UPLOAD_BYTES, Job, JobSpec, retention_s
 from .views import card_body, job_link, plot_rows, preflight_markdown, result_markdown
 
 INTRO = """# 🧮 QuantSpace
@@ -41,6 +42,10 @@ CSS = """
   white-space: nowrap; font-variant-numeric: tabular-nums; }
 footer { display: none !important; }
 """
+CALIB_FILE_TYPES = (".txt", ".jsonl", ".json", ".parquet")
+CALIB_FILE_INFO = ("<small>Your own calibration text: .txt (paragraphs), or .jsonl / .json / .parquet with a "
+                   "'text' column or chat messages. An uploaded file wins over the box above; the card names "
+                   "it by its file name.</small>")
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald",
                        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
@@ -50,7 +55,8 @@ def launch_kwargs() -> dict[str, Any]:
 
     No `allowed_paths`: the job folders are never served by path. Files a handler returns to its visitor are
     copied by Gradio into its cache under content-hash paths, which only that visitor is told."""
-    return {"theme": THEME, "css": CSS, "show_error": True}
+    # Gradio refuses a larger upload while it arrives, so a visitor cannot fill the Space's disk with one.
+    return {"theme": THEME, "css": CSS, "show_error": True, "max_file_size": MAX_UPLOAD_BYTES}
 
 
 def sign_in_off_reason() -> str | None:
@@ -89,6 +95,7 @@ class MethodTab:
     tab: gr.Tab
     variants: gr.CheckboxGroup
     options: list[tuple[Option, gr.Component]]
+    calib_file: gr.File | None = None     # for formats with a calib_dataset option
 
 
 def _reason(fmt: Format) -> str | None:
@@ -132,13 +139,27 @@ def _method_tabs() -> list[MethodTab]:
             variants = gr.CheckboxGroup(choices, value=list(fmt.default_variants),
                                         label=f"{name.upper()} variants", interactive=reason is None,
                                         elem_id=f"variants-{name}")
-            options = [(opt, _control(opt, reason is None)) for opt in fmt.options if not opt.advanced]
+            uploads: list[gr.File] = []
+            options = _controls(name, [o for o in fmt.options if not o.advanced], reason is None, uploads)
             advanced = [opt for opt in fmt.options if opt.advanced]
             if advanced:
                 with gr.Accordion("Advanced", open=False, elem_id=f"advanced-{name}"):
-                    options += [(opt, _control(opt, reason is None)) for opt in advanced]
-        tabs.append(MethodTab(name, fmt, reason, tab, variants, options))
+                    options += _controls(name, advanced, reason is None, uploads)
+        tabs.append(MethodTab(name, fmt, reason, tab, variants, options, uploads[0] if uploads else None))
     return tabs
+
+
+def _controls(method: str, opts: list[Option], enabled: bool,
+              uploads: list[gr.File]) -> list[tuple[Option, gr.Component]]:
+    """Controls for these options; the calibration text option gets a file upload next to it."""
+    controls = []
+    for opt in opts:
+        controls.append((opt, _control(opt, enabled)))
+        if opt.name == "calib_dataset":
+            uploads.append(gr.File(label="Calibration file", file_types=list(CALIB_FILE_TYPES), interactive=enabled,
+                                   elem_id=f"calib-file-{method}", height=90))
+            gr.Markdown(CALIB_FILE_INFO, elem_classes=["calib-file-info"])
+    return controls
 
 
 def _plot_update(rows: list[dict[str, Any]]) -> dict:
@@ -306,10 +327,14 @@ def build_demo() -> gr.Blocks:
                            options={o.name: data[c] for o, c in tab.options},
                            target=((data[target] or "").strip() or None) if want_push else None,
                            private=bool(data[private]), evaluate=bool(data[evaluate]))
+            upload = api.uploaded(data[tab.calib_file]) if tab.calib_file is not None else None
+            if upload is not None:
+                spec.calib_file, spec.calib_name = upload
             if want_push and not spec.target:
                 raise gr.Error("Enter a target repo (owner/name), or untick 'Push to the Hub'.")
             owner = profile.username if profile is not None else None
-            job = api.start_job(spec, api.token_for("", oauth_token), owner, request)   # refusals leave the page
+            # Refusals leave the page; starting copies (and reads) an upload, so not on the event loop.
+            job = await asyncio.to_thread(api.start_job, spec, api.token_for("", oauth_token), owner, request)
             async for update in _watch(job, progress):
                 yield update
 
@@ -355,7 +380,9 @@ def build_demo() -> gr.Blocks:
             except QuantSpaceError:
                 pass   # already removed: nothing to stop
 
-        run_inputs = {model, method, target, push, private, evaluate, *variants_of.values(), *option_controls}
+        uploads = [t.calib_file for t in tabs if t.calib_file is not None]
+        run_inputs = {model, method, target, push, private, evaluate, *variants_of.values(), *option_controls,
+                      *uploads}
         # The job waits for its turn in jobs.LANE (one heavy job at a time, its place shown in the log), so
         # starting and watching it need no Gradio slot: the visitor gets the job's link at once.
         run.click(on_run, run_inputs, outputs, api_visibility="private", concurrency_limit=None,
