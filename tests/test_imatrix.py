@@ -168,15 +168,29 @@ def test_llama_cpp_refuses_iq2_xxs_without_it_and_quantizes_with_it(which, reque
 
 
 def test_imatrix_lowers_q4_k_m_kld_on_smollm2(smollm2, tmp_path):
+    """And the IQ types made with it (IQ4_XS, and IQ2_XXS, which llama.cpp makes only with one) load and generate."""
+    import llama_cpp
+
     from quantspace import quantize
 
     kld = {}
     for mode in ("off", "auto"):
-        report = quantize(str(smollm2), variants="Q4_K_M", out=tmp_path / mode, ctx=128, max_chunks=4,
+        variants = "Q4_K_M" if mode == "off" else "Q4_K_M,IQ4_XS,IQ2_XXS"
+        report = quantize(str(smollm2), variants=variants, out=tmp_path / mode, ctx=128, max_chunks=4,
                           options={"imatrix": mode, "imatrix_chunks": 16, "imatrix_ctx": 256})
         kld[mode] = report.files[0].metrics["kld_mean"]
         details = report.files[0].details
         if mode == "auto":
+            for f in report.files[1:]:
+                assert f.details["imatrix"] == "imatrix.gguf" and f.metrics["kld_mean"] > 0
+                reader = gguf.GGUFReader(tmp_path / mode / f.filename)
+                assert reader.fields["quantize.imatrix.entries_count"].contents() == 30 * 7
+                llm = llama_cpp.Llama(str(tmp_path / mode / f.filename), n_ctx=128, verbose=False)
+                out = llm("The capital of France is", max_tokens=8, temperature=0.0)
+                assert out["usage"]["completion_tokens"] > 0 and out["choices"][0]["text"].strip(), f.variant
+                del llm
+            by = {f.variant: f.metrics["kld_mean"] for f in report.files}
+            assert by["Q4_K_M"] < by["IQ2_XXS"] and by["IQ4_XS"] < by["IQ2_XXS"], by
             assert details["imatrix"] == "imatrix.gguf" and details["imatrix_chunks"] == 16
             im = read_imatrix(tmp_path / mode / "imatrix.gguf")
             # 30 layers × 7 linears; the output weight is the tied embedding (no output.weight, no entry)
@@ -273,3 +287,24 @@ def test_cli_has_the_flags_and_auto_skips_8_bit_variants(tmp_path):
     report = quantize(str(src), variants="Q8_0", out=tmp_path / "o", no_eval=True,
                       options={"calib_dataset": str(tmp_path / "missing.txt")})
     assert "imatrix" not in report.files[0].details and not (tmp_path / "o" / "imatrix.gguf").exists()
+
+
+def test_a_hub_dataset_calibrates_and_one_without_text_is_one_line(hub, tmp_path):
+    from quantspace import quantize
+
+    src = _tiny("tiny-llama-bpe", "bpe", "llama")
+    text = (Path(__file__).parents[1] / "quantspace" / "data" / "sotu.txt").read_text()[:20000]
+    hub.create_repo("alice/speeches", repo_type="dataset")
+    rows = "\n".join(json.dumps({"id": i, "text": p}) for i, p in enumerate(text.split("\n\n")) if p.strip())
+    hub.put_file("alice/speeches", "train.jsonl", rows.encode(), repo_type="dataset")
+    hub.create_repo("alice/ids", repo_type="dataset")
+    hub.put_file("alice/ids", "data.jsonl", b'{"id": 1, "label": 0}\n{"id": 2, "label": 1}\n', repo_type="dataset")
+    options = {"imatrix_chunks": 2, "imatrix_ctx": 64}
+    report = quantize(str(src), variants="Q4_K_M", out=tmp_path / "a", no_eval=True,
+                      options={**options, "calib_dataset": "alice/speeches"})
+    assert "alice/speeches" in report.files[0].details["imatrix_dataset"]
+    assert "alice/speeches" in read_imatrix(tmp_path / "a" / "imatrix.gguf").dataset
+    with pytest.raises(CalibrationError, match="no text in alice/ids/data.jsonl") as err:
+        quantize(str(src), variants="Q4_K_M", out=tmp_path / "b", no_eval=True,
+                 options={**options, "calib_dataset": "alice/ids"})
+    assert "\n" not in str(err.value) and not (tmp_path / "b").exists()
