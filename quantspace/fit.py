@@ -188,36 +188,51 @@ def _error(ref: np.ndarray, got: np.ndarray, w: np.ndarray | None) -> float:
     return float((diff * w).sum() if w is not None else diff.sum())
 
 
-def measure(f16: Path, candidates: dict[Q, Path], imatrix: "Imatrix | None",
-            tick: Callable[[int, int], None] | None = None) -> tuple[dict[str, list[Choice]], int]:
-    """Per weight, its cost and error in every candidate file (dominated choices dropped, smallest first), and the
-    bytes of everything else (header, metadata, tensors no candidate changes)."""
+def measure_candidate(f16: Path, candidate: Path, imatrix: "Imatrix | None",
+                      tick: Callable[[int, int], None] | None = None) -> Candidate:
+    """Each weight's bytes and imatrix-weighted error in one candidate file (read, then no longer needed)."""
     base = {t.name: t for t in gguf.GGUFReader(f16).tensors}
-    readers = {q: {t.name: t for t in gguf.GGUFReader(p).tensors} for q, p in candidates.items()}
-    any_file = next(iter(candidates.values()))
-    first = readers[next(iter(candidates))]
-    fixed = any_file.stat().st_size - sum(int(t.n_bytes) for t in first.values())
-    options: dict[str, list[Choice]] = {}
+    got = {t.name: t for t in gguf.GGUFReader(candidate).tensors}
+    header = candidate.stat().st_size - sum(int(t.n_bytes) for t in got.values())
+    choices: dict[str, Choice] = {}
     for i, (name, t) in enumerate(base.items()):
-        seen = {Q(r[name].tensor_type) for r in readers.values()}
-        if seen == {Q(t.tensor_type)}:      # never quantized (norms, routers...): a fixed cost
-            fixed += int(first[name].n_bytes)
+        c, q = got[name], Q(got[name].tensor_type)
+        if q == Q(t.tensor_type):   # left as it was (a norm, a router...): no error, only bytes
+            choices[name] = Choice(q, int(c.n_bytes), 0.0)
+        else:
+            ref = gguf.quants.dequantize(t.data, Q(t.tensor_type))
+            w = _weights(imatrix, name, ref.shape)
+            choices[name] = Choice(q, int(c.n_bytes), _error(ref, gguf.quants.dequantize(c.data, q), w))
+        if tick:
+            tick(i + 1, len(base))
+    return Candidate(header, choices)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    header: int                    # bytes of everything but the tensors
+    choices: dict[str, Choice]     # GGUF tensor name → its type, bytes and error in this file
+
+
+def ladders(f16: Path, candidates: list[Candidate]) -> tuple[dict[str, list[Choice]], int]:
+    """Per weight, its choices across the candidate files (dominated ones dropped, smallest first), and the bytes of
+    everything else (header, metadata, tensors no candidate changes)."""
+    base = {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(f16).tensors}
+    fixed = candidates[0].header
+    options: dict[str, list[Choice]] = {}
+    for name, base_type in base.items():
+        seen = [c.choices[name] for c in candidates]
+        if {c.qtype for c in seen} == {base_type}:   # never quantized: a fixed cost
+            fixed += seen[0].nbytes
             continue
-        ref = gguf.quants.dequantize(t.data, Q(t.tensor_type))
-        w = _weights(imatrix, name, ref.shape)
         found: dict[Q, Choice] = {}
-        for r in readers.values():
-            c = r[name]
-            q = Q(c.tensor_type)
-            if q not in found:   # llama.cpp fell back to the same type for two candidates
-                found[q] = Choice(q, int(c.n_bytes), _error(ref, gguf.quants.dequantize(c.data, q), w))
+        for c in seen:
+            found.setdefault(c.qtype, c)   # llama.cpp fell back to the same type for two candidates
         ladder: list[Choice] = []
         for c in sorted(found.values(), key=lambda c: (c.nbytes, c.error)):
             if not ladder or c.error < ladder[-1].error:   # more bytes must buy less error
                 ladder.append(c)
         options[name] = ladder
-        if tick:
-            tick(i + 1, len(base))
     return options, fixed
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..converter.tensor_types import ModelFacts, Overrides, Tensors, choose_types, file_bytes, tensor_bytes
 from ..errors import QuantizeError
-from ..fit import LADDER, budget_label, choose, file_budget, measure, too_small
+from ..fit import LADDER, budget_label, choose, file_budget, ladders, measure_candidate, too_small
 
 if TYPE_CHECKING:
     from ..imatrix import Imatrix
@@ -53,18 +53,18 @@ def fit_file(f16: Path, path: Path, fit: str, config: dict[str, Any], imatrix: "
 
     budget, how = file_budget(fit, config)
     label = budget_label(fit)
-    candidates: dict[Any, Path] = {}
-    try:
-        tick = stage(f"{label}: quantize candidates")
-        for i, (qtype, ftype) in enumerate(LADDER):
-            tick(i, len(LADDER))
-            candidates[qtype] = work / f".{path.stem}-candidate-{qtype.name}.gguf"
-            llama_quantize(f16, candidates[qtype], ftype, imatrix=imatrix, overrides=with_ladder(user, qtype))
-        tick(len(LADDER), len(LADDER))
-        options, fixed = measure(f16, candidates, imatrix, stage(f"{label}: measure each weight"))
-    finally:
-        for p in candidates.values():
-            p.unlink(missing_ok=True)
+    measured = []
+    tick = stage(f"{label}: quantize and measure candidates")
+    for i, (qtype, ftype) in enumerate(LADDER):
+        tick(i, len(LADDER))
+        candidate = work / f".{path.stem}-candidate-{qtype.name}.gguf"
+        try:   # one candidate file on disk at a time
+            llama_quantize(f16, candidate, ftype, imatrix=imatrix, overrides=with_ladder(user, qtype))
+            measured.append(measure_candidate(f16, candidate, imatrix))
+        finally:
+            candidate.unlink(missing_ok=True)
+    tick(len(LADDER), len(LADDER))
+    options, fixed = ladders(f16, measured)
     plan = choose(options, fixed, budget, fit.strip())
     counts: dict[Any, int] = {}
     for t in plan.types.values():
