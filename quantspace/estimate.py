@@ -17,6 +17,7 @@ class Estimate:
     parameters: int
     source_bytes: int
     sizes: dict[str, int]            # variant → bytes
+    work_bytes: int = 0              # the method's intermediates on disk at their peak
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,4 +49,6 @@ def estimate(source: str, method: str = "gguf", variants: list[str] | None = Non
     info = info or resolve(source, token=token)
     fmt.check_architecture(info.config)
     stats = TensorStats(tensor_shapes(info, token), info.config, info.files, opts)
-    return Estimate(info.display, info.architecture, stats.total, info.weight_bytes, fmt.estimate(stats, chosen))
+    sizes = fmt.estimate(stats, chosen)
+    return Estimate(info.display, info.architecture, stats.total, info.weight_bytes, sizes,
+                    fmt.work_bytes(stats, chosen, sizes))

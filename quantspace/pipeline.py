@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import scratch
+from . import diskplan, scratch
 from .card import build_card
 from .chart import write_chart
 from .formats import (Context, Format, GpuRunner, Output, TensorStats, check_options, get_format, resolve_device,
@@ -138,11 +138,11 @@ def quantize(
         check_target(push, token)
     info = resolve(source, token=token, allow_pickle=allow_pickle)
     fmt.check_source(info.config, chosen)
-    _check_sizes(fmt, info, chosen, opts, token)
 
     name = f"{info.name}-{fmt.suffix}"
     out_dir = Path(out) if out else Path("quantspace-out") / name
     out_dir = out_dir.absolute()
+    _check_plan(fmt, info, chosen, opts, token, out_dir, settings if text is not None else None)
     # What a killed run of this (or any) job left behind is removed first; nothing of it is reused.
     scratch.sweep(out_dir.parent, _staging_prefix(out_dir))
     scratch.sweep(Path(tempfile.gettempdir()), WORK_PREFIX)
@@ -199,17 +199,29 @@ WORK_PREFIX = "quantspace-work-"
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-def _check_sizes(fmt: Format, info: SourceInfo, chosen: list[str], opts: dict[str, Any], token: str | None) -> None:
-    """The size estimate from the weights' headers, before the download: it refuses what no file can meet (a
-    --fit budget below the smallest file). Anything else it cannot tell is left to the steps after the download."""
+def _check_plan(fmt: Format, info: SourceInfo, chosen: list[str], opts: dict[str, Any], token: str | None,
+                out_dir: Path, settings: "EvalSettings | None") -> None:
+    """Sizes from the weights' headers, before the download: refuses what no file can meet (a --fit budget below
+    the smallest file) and a job the disks cannot hold. What cannot be sized is left to the steps after."""
     from .estimate import tensor_shapes
 
     try:
-        fmt.estimate(TensorStats(tensor_shapes(info, token), info.config, info.files, opts), chosen)
+        stats = TensorStats(tensor_shapes(info, token), info.config, info.files, opts)
+        sizes = fmt.estimate(stats, chosen)
+        disk = diskplan.plan(fmt, stats, chosen, sizes, info, _scratch(info, settings))
+        short = diskplan.shortfall(disk, out_dir, diskplan.hub_cache())
     except BadOptionError:
         raise
     except Exception:  # an estimate is advice; a model it cannot size is still made
         return
+    if short:
+        raise DiskFullError(short)
+
+
+def _scratch(info: SourceInfo, settings: "EvalSettings | None") -> int:
+    from .preflight import eval_scratch_bytes
+
+    return eval_scratch_bytes(info.config, settings.ctx, settings.max_chunks) if settings is not None else 0
 
 
 def _staging_prefix(out_dir: Path) -> str:
@@ -263,17 +275,16 @@ def _disk_full(exc: OSError, fmt: Format, info: SourceInfo, chosen: list[str], o
 
 def _disk_needed(fmt: Format, info: SourceInfo, chosen: list[str], in_work: bool, evaluating: bool,
                  settings: "EvalSettings", token: Token) -> int | None:
-    """Bytes the job writes on the disk that filled: outputs + the 16-bit intermediate next to the output;
-    the evaluation scratch in the temp folder."""
-    from .preflight import FP16_BYTES, eval_scratch_bytes
-
+    """Bytes the job writes on the disk that filled: outputs and intermediates next to the output; the evaluation
+    scratch in the temp folder."""
     try:
         if in_work:
-            return eval_scratch_bytes(info.config, settings.ctx, settings.max_chunks) if evaluating else None
+            return _scratch(info, settings) if evaluating else None
         from .estimate import tensor_shapes
 
         stats = TensorStats(tensor_shapes(info, token), info.config, info.files)
-        return sum(fmt.estimate(stats, chosen).values()) + FP16_BYTES * stats.total
+        sizes = fmt.estimate(stats, chosen)
+        return sum(sizes.values()) + fmt.work_bytes(stats, chosen, sizes)
     except Exception:  # the estimate is a courtesy in an error message; never hide the disk error behind it
         return None
 

@@ -45,9 +45,9 @@ class PreflightResult:
     ok: bool = False
     architecture: str | None = None
     parameters: int | None = None
-    download_bytes: int | None = None          # 0 for a local folder
+    download_bytes: int | None = None          # what the Hub cache lacks (0 for a local folder)
     sizes: dict[str, int] = field(default_factory=dict)    # variant → expected bytes
-    disk_needed: int | None = None             # download + outputs + intermediates + evaluation scratch
+    disk_needed: int | None = None             # the job's peak: see quantspace.diskplan
     gpu_memory_needed: int | None = None       # for formats that compute on a GPU
     gpu_seconds: int | None = None             # the ZeroGPU window asked for per GPU stage
     hardware: dict[str, Any] = field(default_factory=dict)
@@ -126,6 +126,7 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
         result.problems.append(str(exc))
         options = None   # the sizes below are then llama.cpp's own choice
 
+    from .diskplan import DiskPlan, download_bytes
     from .estimate import estimate
     from .hub import check_target
     from .source import resolve
@@ -169,11 +170,9 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
     if "mmproj" in result.sizes:   # GGUF of a multimodal model: the projector file, counted with the outputs
         result.checks.append(f"Also writes mmproj-{info.name}-F16.gguf, the vision/audio projector for "
                              f"llama-mtmd-cli / llama-server --mmproj (about {format_size(result.sizes['mmproj'])}).")
-    result.download_bytes = 0 if info.local_dir is not None else est.source_bytes
-    # A 16-bit copy of the model is the usual intermediate (GGUF's F16 file, a GPU format's loaded weights).
-    intermediate = FP16_BYTES * est.parameters
-    scratch = eval_scratch_bytes(info.config) if evaluate else 0
-    result.disk_needed = result.download_bytes + sum(result.sizes.values()) + intermediate + scratch
+    disk = DiskPlan(download_bytes(info), sum(result.sizes.values()), est.work_bytes,
+                    eval_scratch_bytes(info.config) if evaluate else 0)
+    result.download_bytes, result.disk_needed = disk.download, disk.peak
     _check_hardware(result, fmt.needs_gpu, evaluate, hardware or detect_hardware())
     result.ok = not result.problems
     return result

@@ -62,6 +62,12 @@ class SourceInfo:
         return self.repo_id or str(self.local_dir)
 
     @property
+    def fetched_files(self) -> list[str]:
+        """What `fetch` downloads: config, processor and tokenizer files, the weights, the card."""
+        wanted = {*CONFIG_FILES, *PROCESSOR_FILES, *TOKENIZER_FILES, *self.weight_files, "README.md"}
+        return sorted(f for f in self.files if f in wanted)
+
+    @property
     def weight_files(self) -> list[str]:
         suffixes = PICKLE_SUFFIXES if self.pickled else (".safetensors",)
         return sorted(f for f in self.files if f.endswith(suffixes))

@@ -134,6 +134,9 @@ class Format(Protocol):
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         """Expected file size in bytes per variant."""
 
+    def work_bytes(self, stats: TensorStats, variants: list[str], sizes: dict[str, int]) -> int:
+        """Disk the method holds at its peak beyond its outputs (`sizes`, from estimate): its intermediates."""
+
     def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
         """Write each variant's files into out_dir."""
 

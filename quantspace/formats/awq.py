@@ -58,6 +58,10 @@ class AWQ:
     def check_variants(self, variants: list[str]) -> list[str]:
         return pick_variants("AWQ", variants, VARIANTS, one_per_run=True)
 
+    def work_bytes(self, stats: TensorStats, variants: list[str], sizes: dict[str, int]) -> int:
+        """The engine's packed layers, about the checkpoint's size, until the checkpoint is written from them."""
+        return sum(sizes.values())
+
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         sizes = {}
         for v in variants:

@@ -7,7 +7,7 @@ import ctypes
 import errno
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -312,6 +312,17 @@ class GGUF:
         if is_multimodal(stats.config):
             sizes[MMPROJ] = mmproj_bytes(stats.shapes)
         return sizes
+
+    def work_bytes(self, stats: TensorStats, variants: list[str], sizes: dict[str, int]) -> int:
+        """The F16 file quantized from, unless it is an output, and one --fit candidate (at most an all-Q8_0
+        file) until the fitted file replaces it."""
+        fit = str(stats.options.get("fit") or "").strip()
+        if not fit and all(v in DIRECT for v in variants):
+            return 0
+        plain = replace(stats, options={k: v for k, v in stats.options.items() if k != "fit"})
+        f16 = 0 if "F16" in variants else self.estimate(plain, ["F16"])["F16"]
+        candidate = self.estimate(plain, ["Q8_0"])["Q8_0"] - sizes.get(budget_label(fit), 0) if fit else 0
+        return f16 + max(0, candidate)
 
     def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
         stage = ctx.stage

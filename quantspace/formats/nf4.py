@@ -121,6 +121,9 @@ class NF4:
     def check_variants(self, variants: list[str]) -> list[str]:
         return pick_variants(self.name.upper(), variants, VARIANTS, one_per_run=True)
 
+    def work_bytes(self, stats: TensorStats, variants: list[str], sizes: dict[str, int]) -> int:
+        return 0   # written once, to a scratch folder on the same disk, then moved in
+
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         # With the default options (double quant, lm_head kept): 4 bits per quantized weight, one 8-bit absmax per
         # block and one fp32 absmax per 256 blocks, plus per layer its code tables and quant state (~2 KB with
