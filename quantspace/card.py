@@ -25,12 +25,25 @@ def metrics_table(report: Report) -> str:
     for f in report.files:
         m = f.metrics or {}
         top1 = m.get("top1_agreement")
+        more = len(f.files) - 1 if f.files else 0
+        parts = f" (+{more} more file{'s' if more > 1 else ''})" if more else ""
         rows.append(
-            f"| `{f.filename}` | {f.variant} | {format_size(f.size_bytes)} | {f.bits_per_weight:.2f} "
+            f"| `{f.filename}`{parts} | {f.variant} | {format_size(f.size_bytes)} | {f.bits_per_weight:.2f} "
             f"| {format_number(m.get('perplexity'), '.4f')} | {format_number(m.get('delta_ppl'), '+.4f')} "
             f"| {format_number(m.get('kld_mean'), '.5f')} | {'–' if top1 is None else f'{100 * top1:.2f}%'} |"
         )
     return "\n".join(rows)
+
+
+def split_files(report: Report) -> str:
+    """The files of each variant written in several (split GGUF shards, safetensors shards), first first."""
+    split = [f for f in report.files if f.files and len(f.files) > 1]
+    if not split:
+        return ""
+    lines = ["", "Written in several files (the size above is all of them together; see Usage for loading):", ""]
+    for f in split:
+        lines.append(f"- {f.variant} ({format_size(f.size_bytes)}): " + ", ".join(f"`{n}`" for n in f.files))
+    return "\n".join(lines) + "\n"
 
 
 def _chart(report: Report) -> str:
@@ -81,7 +94,7 @@ def build_card(report: Report, fmt: "Format") -> ModelCard:
 ## Files and accuracy
 
 {metrics_table(report)}
-{_chart(report)}
+{split_files(report)}{_chart(report)}
 ## How the numbers were measured
 
 {_method(report)}

@@ -24,6 +24,7 @@ from ..converter.tensor_types import (Overrides, choose_types, f16_tensors, file
                                      generic_model_facts, kv_bytes, model_facts)
 from . import Context, Option, Output, TensorStats, Tick, pick_variants, run_directly
 from .gguf_fit import fit_file, fit_note, fit_size
+from . import gguf_split
 from .gguf_types import (TYPE_OPTIONS, apply_overrides, check_fit, check_imatrix, check_ternary, overrides_of,
                          recipe)
 
@@ -254,6 +255,9 @@ class GGUF:
                "cache for that context): also write <name>-FIT-<budget>.gguf, the per-tensor types (Q2_K to Q8_0) "
                "with the least imatrix-weighted error that fit it (empty: off)",
                label="Best file for a size or a device", suggestions=PRESETS),
+        Option("split_max_size", gguf_split.DEFAULT, "files above this size (decimal: 48G, 2M; the Hub refuses "
+               "files over 50 GB) are written as llama.cpp shards, <name>-<VARIANT>-00001-of-0000N.gguf, loaded "
+               "from the first; 0 or off: never split", label="Split files above", advanced=True),
     ) + TYPE_OPTIONS
     needs_gpu = False
 
@@ -284,6 +288,7 @@ class GGUF:
                       overrides_of(options))
         if str(options.get("fit") or "").strip():
             check_budget(str(options["fit"]))
+        gguf_split.parse_size(options.get("split_max_size", gguf_split.DEFAULT))
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         """The file each variant will be: llama.cpp's own per-tensor type choice, header and padding included."""
@@ -380,6 +385,8 @@ class GGUF:
             outputs.append(Output(fit_variant, (path,), extra, details=details))
         if needs_f16 and "F16" not in variants:
             base.unlink(missing_ok=True)   # the intermediate is not a deliverable
+        outputs = split_outputs(outputs, gguf_split.parse_size(ctx.options.get("split_max_size", gguf_split.DEFAULT)),
+                                stage)
         if is_multimodal(config):
             outputs = with_mmproj(outputs, model_dir, out_dir / mmproj_name(name), stage)
         return outputs
@@ -394,17 +401,23 @@ class GGUF:
 
     def usage(self, repo_id: str | None, report: "Report") -> str:
         pick = next((f for f in report.files if f.variant == "Q4_K_M"), report.files[0])
+        shards = pick.files or [pick.filename]
         mmproj = mmproj_of(report)
         if mmproj:
-            return mmproj_usage(repo_id, pick.filename, pick.variant, mmproj)
+            return mmproj_usage(repo_id, pick.filename, pick.variant, mmproj, shards)
+        # llama.cpp loads a split file from its first shard and finds the others beside it.
+        fetch = "; `-hf` fetches them all" if repo_id else ""
+        split_note = ([f"{pick.variant} is split in {len(shards)} shards: keep them in one folder and give the "
+                       f"first (llama.cpp opens the others itself{fetch}).", ""] if len(shards) > 1 else [])
         if repo_id is None:  # not pushed: point at the local files
-            return "\n".join([
+            return "\n".join(split_note + [
                 "```sh",
                 f"llama-cli -m {pick.filename}",
                 f"llama-server -m {pick.filename}",
                 "```",
             ])
-        return "\n".join([
+        extra = ", additional_files=[" + ", ".join(f'"{n}"' for n in shards[1:]) + "]" if len(shards) > 1 else ""
+        return "\n".join(split_note + [
             "### llama.cpp",
             "```sh",
             f"llama-cli -hf {repo_id}:{pick.variant}",
@@ -422,7 +435,7 @@ class GGUF:
             "### Python (llama-cpp-python)",
             "```python",
             "from llama_cpp import Llama",
-            f'llm = Llama.from_pretrained(repo_id="{repo_id}", filename="{pick.filename}")',
+            f'llm = Llama.from_pretrained(repo_id="{repo_id}", filename="{pick.filename}"{extra})',
             'print(llm.create_chat_completion(messages=[{"role": "user", "content": "Hello!"}]))',
             "```",
         ])
@@ -442,6 +455,21 @@ class GGUF:
                       "the same for every file above): give it with `--mmproj` to use images. The accuracy "
                       "numbers are the language model's, on text only, against the source's language model.")
         return notes
+
+
+def split_outputs(outputs: list[Output], limit: int, stage: Any) -> list[Output]:
+    """Each file above `limit` as llama.cpp shards. Files are made whole and split last: the imatrix, --fit and
+    the quantizer read the F16 as one file, and a quantized variant gets the fewest shards its own size needs
+    (llama.cpp's keep_split would copy the F16's cut, e.g. a 42 GB Q4_K_M of a 140 GB F16 in 3 files)."""
+    out = []
+    for o in outputs:
+        if limit and o.path.stat().st_size > limit:
+            tick = stage(f"split {o.variant}")
+            tick(0, 1)
+            o = Output(o.variant, gguf_split.split_file(o.path, limit), o.extra, o.details)
+            tick(1, 1)
+        out.append(o)
+    return out
 
 
 # --- multimodal checkpoints: the towers go to one projector file ---
@@ -480,7 +508,8 @@ def mmproj_of(report: "Report") -> str | None:
     return next(((f.details or {}).get(MMPROJ) for f in report.files if (f.details or {}).get(MMPROJ)), None)
 
 
-def mmproj_usage(repo_id: str | None, filename: str, variant: str, mmproj: str) -> str:
+def mmproj_usage(repo_id: str | None, filename: str, variant: str, mmproj: str,
+                 shards: list[str] | None = None) -> str:
     lines = []
     if repo_id is not None:
         lines += [
@@ -491,7 +520,8 @@ def mmproj_usage(repo_id: str | None, filename: str, variant: str, mmproj: str) 
             f"llama-server -hf {repo_id}:{variant}",
             "```",
             "",
-            f"Or with the files downloaded (`hf download {repo_id} {filename} {mmproj} --local-dir .`):",
+            f"Or with the files downloaded (`hf download {repo_id} {' '.join(shards or [filename])} {mmproj} "
+            "--local-dir .`):",
         ]
     lines += [
         "```sh",
