@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.test_app import TINY, served  # noqa: F401  (the app fixture, launched once for this module)
-from tests.test_ui_browser import CHROMIUM, app_url, browser  # noqa: F401  (python app.py, and chromium)
+from tests.test_ui_browser import ARTIFACTS, CHROMIUM, app_url, browser  # noqa: F401  (python app.py, chromium)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Gradio does not support OAuth")
 SMALL = {"imatrix_chunks": 2, "imatrix_ctx": 64}
@@ -214,9 +214,12 @@ def test_the_page_uploads_a_calibration_file_and_runs(app_url, browser, notes): 
     expect(page.get_by_text("An uploaded file wins over the box above")).to_be_visible()
     upload.locator("input[type=file]").set_input_files(str(notes))
     expect(upload).to_contain_text("my notes.jsonl", timeout=30_000)
+    page.locator("#advanced-gguf").get_by_text("Advanced").click()   # the imatrix's size is an advanced setting
     for label, value in (("Imatrix chunks", "2"), ("Imatrix tokens per chunk", "64")):
         page.get_by_label(label).fill(value)
     page.locator("#evaluate input").uncheck()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "calib-upload.png"), full_page=True)
     page.locator("#run").click()
     expect(page.locator("#result")).to_contain_text("Done (not pushed)", timeout=180_000)
     expect(page.locator("#log textarea")).to_have_value(re.compile(r"calibration text: my_notes.jsonl \(uploaded\)"))

@@ -131,6 +131,16 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     expect(preflight).to_contain_text("LlamaForCausalLM")
     expect(preflight).to_contain_text("Ready.")
     expect(preflight).to_contain_text("Q4_K_M")
+    # A device budget: the preflight sizes the fitted file; a budget no file meets is refused before any work.
+    fit = page.get_by_label("Best file for a size or a device")
+    for value, shown in [("8GB-GPU-8k", "FIT-8GB-GPU-8k"), ("100KB", "the smallest file this model can be")]:
+        fit.fill(value)
+        fit.press("Enter")
+        expect(preflight).to_contain_text(shown)
+    expect(page.locator("#run")).to_be_disabled()
+    fit.fill("")
+    fit.press("Enter")
+    expect(preflight).to_contain_text("Ready.")
     target = page.locator("#target input, #target textarea").first
     expect(target).to_have_value("alice/tiny-llama-GGUF")
     # A namespace alice cannot write to is refused before any work.

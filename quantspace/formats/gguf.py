@@ -249,8 +249,10 @@ class GGUF:
         Option("calib_dataset", "", "calibration text (GGUF imatrix, AWQ): a Hub dataset id[:file] or a local "
                ".txt/.jsonl/.json/.parquet file (empty: the shipped text)",
                label="Calibration dataset (Hub id or file)"),
-        Option("imatrix_chunks", 64, "imatrix calibration chunks", minimum=1, label="Imatrix chunks"),
-        Option("imatrix_ctx", 512, "tokens per imatrix chunk", minimum=16, label="Imatrix tokens per chunk"),
+        Option("imatrix_chunks", 64, "imatrix calibration chunks", minimum=1, label="Imatrix chunks",
+               advanced=True),
+        Option("imatrix_ctx", 512, "tokens per imatrix chunk", minimum=16, label="Imatrix tokens per chunk",
+               advanced=True),
         Option("fit", "", "a size budget (4.5GB) or a device (8GB-GPU-8k, 16GB-Mac-8k: its memory less the KV "
                "cache for that context): also write <name>-FIT-<budget>.gguf, the per-tensor types (Q2_K to Q8_0) "
                "with the least imatrix-weighted error that fit it (empty: off)",

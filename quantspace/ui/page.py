@@ -157,7 +157,7 @@ def _controls(method: str, opts: list[Option], enabled: bool,
         controls.append((opt, _control(opt, enabled)))
         if opt.name == "calib_dataset":
             uploads.append(gr.File(label="Calibration file", file_types=list(CALIB_FILE_TYPES), interactive=enabled,
-                                   elem_id=f"calib-file-{method}", height=90))
+                                   elem_id=f"calib-file-{method}", height=140))
             gr.Markdown(CALIB_FILE_INFO, elem_classes=["calib-file-info"])
     return controls
 
