@@ -68,7 +68,25 @@ def bnb_config(variant: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def quantize_folder(model_dir: str, out: str, config: dict[str, Any], device: str) -> dict[str, Any]:
-    """Load `model_dir` quantized on `device`, save it to `out`; returns facts about the loaded model."""
+    """Quantize `model_dir` on `device` and save the checkpoint to `out`; returns facts about the 4-bit model.
+
+    On the CPU the checkpoint is written while the source is read, one tensor at a time (nf4_stream), so a model
+    larger than memory quantizes; its files equal transformers' from_pretrained + save_pretrained on the CPU. On
+    a GPU, and for a source whose tensor names transformers renames on load, transformers loads and saves it."""
+    from ..nf4_stream import stream_quantize
+
+    if device == "cpu":
+        facts = stream_quantize(model_dir, out, config, device)
+        if facts is not None:
+            if not facts["quantized_layers"]:
+                raise QuantizeError(f"bitsandbytes quantized no layer of {Path(model_dir).name}; nothing would be "
+                                    "4-bit.")
+            return {**facts, "streamed": True}
+    return {**load_and_save(model_dir, out, config, device), "streamed": False}
+
+
+def load_and_save(model_dir: str, out: str, config: dict[str, Any], device: str) -> dict[str, Any]:
+    """transformers' way: load the whole model quantized on `device`, then save it."""
     import torch
     from bitsandbytes.nn import Linear4bit
     from transformers import BitsAndBytesConfig
