@@ -46,7 +46,7 @@ def skeleton(model_dir: str, config: dict[str, Any], dtype: Any) -> Any:
 
 
 def stream_quantize(model_dir: str, out: str, config: dict[str, Any], device: str,
-                    shard_bytes: int = SHARD_BYTES) -> dict[str, Any] | None:
+                    shard_bytes: int | None = None) -> dict[str, Any] | None:
     """Write the 4-bit checkpoint of `model_dir` to `out` reading one tensor at a time; facts as quantize_folder
     returns them, or None (nothing written) when the source's names are not the model's own."""
     import torch
@@ -67,8 +67,8 @@ def stream_quantize(model_dir: str, out: str, config: dict[str, Any], device: st
     fp32 = fp32_rule(model, dtype)
 
     Path(out).mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(Path(out), shard_bytes)
-    quantized = 0
+    writer = ShardWriter(Path(out), shard_bytes or SHARD_BYTES)
+    quantized = unquantized = 0
     footprint = sum(b.nelement() * b.element_size() for b in model.buffers())   # buffers as the loaded model has
     for e in entries:
         name = e.name
@@ -95,11 +95,13 @@ def stream_quantize(model_dir: str, out: str, config: dict[str, Any], device: st
             writer.add(name, value)
             if name in kept_names:
                 footprint += value.nelement() * value.element_size()
+                unquantized += value.nelement() * value.element_size()
             del value
         del tensor
     writer.close(total_parameters=sum(p.numel() for p in kept_names.values()))
     write_config(model, Path(out), dtype)
-    return {"memory_footprint_bytes": int(footprint), "quantized_layers": quantized}
+    return {"memory_footprint_bytes": int(footprint), "quantized_layers": quantized,
+            "unquantized_bytes": int(unquantized)}
 
 
 def read_tensor(entry: Any) -> Any:
