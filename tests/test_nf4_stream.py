@@ -42,9 +42,11 @@ def logits(folder: Path, ids: list[int]):
     # FP4 without double quantization, fp16, everything quantized, in 200 KB shards with an index
     (("tiny-qwen3", "bpe", "qwen3"), "FP4",
      {"double_quant": False, "compute_dtype": "float16", "skip_modules": ""}, 200_000),
-], ids=["llama-nf4", "qwen3-fp4-sharded"])
+    # the real SmolLM2-135M: tied embeddings, saved once as transformers saves them
+    ("smollm2", "NF4", {"double_quant": True, "compute_dtype": "bfloat16", "skip_modules": "lm_head"}, None),
+], ids=["llama-nf4", "qwen3-fp4-sharded", "smollm2-nf4"])
 def test_streamed_checkpoint_is_transformers_checkpoint(model, variant, options, shard_bytes, tmp_path,
-                                                        monkeypatch):
+                                                        monkeypatch, request):
     """Same tensor names, dtypes, shapes and bytes, same config.json (quantization_config included), same
     memory footprint; transformers loads it 4-bit with the same logits as its own checkpoint."""
     import torch
@@ -52,7 +54,7 @@ def test_streamed_checkpoint_is_transformers_checkpoint(model, variant, options,
     from quantspace import nf4_stream
     from quantspace.formats import nf4
 
-    source = _tiny(*model)
+    source = request.getfixturevalue(model) if isinstance(model, str) else _tiny(*model)
     config = nf4.bnb_config(variant, options)
     ref = nf4.load_and_save(str(source), str(tmp_path / "ref"), dict(config), "cpu")
     if shard_bytes:
@@ -63,6 +65,8 @@ def test_streamed_checkpoint_is_transformers_checkpoint(model, variant, options,
     a, b = tensors(tmp_path / "ref"), tensors(tmp_path / "new")
     assert sorted(a) == sorted(b)
     assert any(k.endswith(f"quant_state.bitsandbytes__{variant.lower()}") for k in b)
+    if json.loads((source / "config.json").read_text()).get("tie_word_embeddings"):
+        assert "lm_head.weight" not in b and "model.embed_tokens.weight" in b
     for name in a:
         assert (a[name].dtype, a[name].shape) == (b[name].dtype, b[name].shape), name
         assert torch.equal(a[name], b[name]), name
