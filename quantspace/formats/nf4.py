@@ -143,7 +143,11 @@ class NF4:
         return pick_variants(self.name.upper(), variants, VARIANTS, one_per_run=True)
 
     def work_bytes(self, stats: TensorStats, variants: list[str], sizes: dict[str, int]) -> int:
-        return 0   # written once, to a scratch folder on the same disk, then moved in
+        # Written to a scratch folder on the same disk, then moved in; while a shard is closed its data is on
+        # disk twice (the streaming writer's scratch parts and the shard).
+        from ..nf4_stream import SHARD_BYTES
+
+        return min(max(sizes.values(), default=0), SHARD_BYTES)
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         # With the default options (double quant, lm_head kept): 4 bits per quantized weight, one 8-bit absmax per
