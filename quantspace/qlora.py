@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -15,6 +17,10 @@ from .errors import QuantizeError
 
 LEARNING_RATE = 1e-3     # large enough that a few steps move the held-out loss
 LORA_RANK = 8
+LORA_PARAM_BYTES = 16    # per LoRA parameter: fp32 weight, its gradient and AdamW's two moments
+RUNTIME_BYTES = 512 * 1024**2   # the training step's own scratch beyond what is counted (allocator, kernels)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,12 +43,61 @@ class QLoRAResult:
         return asdict(self)
 
 
+def memory_needed(footprint: int, unquantized_bytes: int, lora_parameters: int, seqlen: int, hidden: int,
+                  intermediate: int, layers: int, heads: int, vocab: int, largest_layer: int) -> int:
+    """Bytes the QLoRA check holds at its peak (batch of one, no gradient checkpointing): the 4-bit model as
+    loaded, its 16-bit parts again (peft's prepare_model_for_kbit_training makes them fp32), the LoRA weights with
+    gradients and AdamW state, the activations kept for the backward pass (fp32), the logits with their softmax
+    and gradient, one layer's weight dequantized to fp32 with its gradient, and a fixed allowance."""
+    per_layer = seqlen * (12 * hidden + 4 * intermediate) * 4 + 2 * heads * seqlen * seqlen * 4
+    logits = 3 * seqlen * vocab * 4
+    return (footprint + unquantized_bytes + LORA_PARAM_BYTES * lora_parameters + layers * per_layer + logits
+            + 2 * 4 * largest_layer + RUNTIME_BYTES)
+
+
+def available_memory(device: str) -> int:
+    """Free memory of the device the check runs on: the GPU's free memory on CUDA, else the RAM the kernel
+    says is available (MemAvailable: free plus what it can reclaim)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def fits(needed: int, device: str) -> str | None:
+    """None when the check fits the device's free memory, else the one sentence saying why it is skipped."""
+    from .report import format_size
+
+    free = available_memory(device)
+    if needed <= free:
+        return None
+    where = "GPU memory" if device.startswith("cuda") else "RAM"
+    return (f"The QLoRA check needs about {format_size(needed)} (the 4-bit model, its 16-bit parts in fp32, the "
+            f"LoRA weights with their optimizer state and the activations), more than the {format_size(free)} of "
+            f"free {where} on {device}, so it was skipped; the checkpoint itself is complete.")
+
+
 def qlora_check(folder: str, blocks: list[list[int]], target_modules: list[str], steps: int,
-                device: str, exclude_modules: str | None = None) -> dict[str, Any]:
+                device: str, exclude_modules: str | None = None, needed_bytes: int | None = None) -> dict[str, Any]:
     """Reload `folder`, wrap it with peft and run `steps` AdamW steps on blocks[1:], measuring the loss on
     blocks[0] before and after. QuantizeError when a loss is not finite or no LoRA weight got a gradient.
     `exclude_modules` (a regex) keeps LoRA off a multimodal model's towers, which share layer names (q_proj...)
-    with the language model."""
+    with the language model. With `needed_bytes` (memory_needed), a check that does not fit the free memory of
+    `device` is not run: {"skipped": why}. It is measured here, on the device, because on ZeroGPU only this
+    function runs where the GPU is."""
+    if needed_bytes is not None:
+        why = fits(needed_bytes, device)
+        if why:
+            log.warning(why)
+            return {"skipped": why}
     import torch
     from bitsandbytes.nn import Linear4bit
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

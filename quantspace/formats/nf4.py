@@ -19,7 +19,7 @@ from ..archs import load_config
 from ..errors import BadOptionError, QuantizeError, UnsupportedArchitectureError
 from ..multimodal import (PROCESSOR_FILES, auto_class_name, is_multimodal, load_lm, text_config, tower_of,
                           tower_patterns, towers)
-from ..qlora import LORA_RANK, qlora_check
+from ..qlora import LORA_RANK, memory_needed, qlora_check
 from ..report import format_size
 from . import Context, Option, Output, TensorStats, Tick, copy_source_files, pick_variants, run_directly
 
@@ -68,7 +68,25 @@ def bnb_config(variant: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def quantize_folder(model_dir: str, out: str, config: dict[str, Any], device: str) -> dict[str, Any]:
-    """Load `model_dir` quantized on `device`, save it to `out`; returns facts about the loaded model."""
+    """Quantize `model_dir` on `device` and save the checkpoint to `out`; returns facts about the 4-bit model.
+
+    On the CPU the checkpoint is written while the source is read, one tensor at a time (nf4_stream), so a model
+    larger than memory quantizes; its files equal transformers' from_pretrained + save_pretrained on the CPU. On
+    a GPU, and for a source whose tensor names transformers renames on load, transformers loads and saves it."""
+    from ..nf4_stream import stream_quantize
+
+    if device == "cpu":
+        facts = stream_quantize(model_dir, out, config, device)
+        if facts is not None:
+            if not facts["quantized_layers"]:
+                raise QuantizeError(f"bitsandbytes quantized no layer of {Path(model_dir).name}; nothing would be "
+                                    "4-bit.")
+            return {**facts, "streamed": True}
+    return {**load_and_save(model_dir, out, config, device), "streamed": False}
+
+
+def load_and_save(model_dir: str, out: str, config: dict[str, Any], device: str) -> dict[str, Any]:
+    """transformers' way: load the whole model quantized on `device`, then save it."""
     import torch
     from bitsandbytes.nn import Linear4bit
     from transformers import BitsAndBytesConfig
@@ -82,7 +100,10 @@ def quantize_folder(model_dir: str, out: str, config: dict[str, Any], device: st
     if not layers:
         raise QuantizeError(f"bitsandbytes quantized no layer of {Path(model_dir).name}; nothing would be 4-bit.")
     model.save_pretrained(out, safe_serialization=True)
-    return {"memory_footprint_bytes": int(model.get_memory_footprint()), "quantized_layers": len(layers)}
+    unquantized = sum(p.nelement() * p.element_size() for p in model.parameters()
+                      if type(p).__name__ != "Params4bit")
+    return {"memory_footprint_bytes": int(model.get_memory_footprint()), "quantized_layers": len(layers),
+            "unquantized_bytes": int(unquantized)}
 
 
 def evaluate_folder(folder: str, ref: "Reference", device: str, progress: Tick | None = None) -> "Metrics":
@@ -122,7 +143,11 @@ class NF4:
         return pick_variants(self.name.upper(), variants, VARIANTS, one_per_run=True)
 
     def work_bytes(self, stats: TensorStats, variants: list[str], sizes: dict[str, int]) -> int:
-        return 0   # written once, to a scratch folder on the same disk, then moved in
+        # Written to a scratch folder on the same disk, then moved in; while a shard is closed its data is on
+        # disk twice (the streaming writer's scratch parts and the shard).
+        from ..nf4_stream import SHARD_BYTES
+
+        return min(max(sizes.values(), default=0), SHARD_BYTES)
 
     def estimate(self, stats: TensorStats, variants: list[str]) -> dict[str, int]:
         # With the default options (double quant, lm_head kept): 4 bits per quantized weight, one 8-bit absmax per
@@ -166,9 +191,11 @@ class NF4:
         if calibration is not None:
             source, blocks = calibration
             tick = ctx.stage("QLoRA check")
+            needed = qlora_memory(model_dir, facts, details["lora_targets"], int(opts["qlora_seqlen"]))
             result = ctx.run_gpu(qlora_check, str(staging), blocks, details["lora_targets"], int(opts["qlora_steps"]),
-                                 ctx.device, lora_exclude(kept))
-            details["qlora"] = {**result, "calibration": source}
+                                 ctx.device, lora_exclude(kept), needed)
+            # A check that does not fit the device's memory is skipped: {"skipped": why}.
+            details["qlora"] = result if "skipped" in result else {**result, "calibration": source}
             tick(1, 1)
         return [_move_into(staging, out_dir, variant, details)]
 
@@ -252,7 +279,9 @@ class NF4:
                       "skips them); the language model is 4-bit. The accuracy above is the language model's, on "
                       "text only."]
         q = d.get("qlora")
-        if q:
+        if q and "skipped" in q:
+            parts += ["", "## QLoRA check", "", f"Not run: {q['skipped']}"]
+        elif q:
             parts += [
                 "",
                 "## QLoRA check",
@@ -315,7 +344,7 @@ def multimodal_usage(where: str, auto: str, lora_line: str, kept: list[str]) -> 
 def lora_targets(report: "Report") -> list[str]:
     details = (report.files[0].details or {}) if report.files else {}
     q = details.get("qlora")
-    return list(q["target_modules"] if q else details.get("lora_targets") or [])
+    return list(q["target_modules"] if q and "target_modules" in q else details.get("lora_targets") or [])
 
 
 # config.json keys giving a mixture of experts' expert count.
@@ -371,6 +400,28 @@ def lora_targets_of(model_dir: Path) -> list[str]:
             names.add(parts[-2])
     known = {name: i for i, name in enumerate(LORA_ORDER)}
     return sorted(names, key=lambda n: (known.get(n, len(known)), n))
+
+
+def qlora_memory(model_dir: Path, facts: dict[str, Any], targets: list[str], seqlen: int) -> int:
+    """Bytes the QLoRA check needs at its peak (qlora.memory_needed), from the saved model's facts, the source's
+    layer shapes and its config."""
+    from ..weights import all_entries
+
+    cfg = text_config(load_config(model_dir))
+    lora = largest = 0
+    for e in all_entries(model_dir):
+        if len(e.shape) != 2 or tower_of(e.name) or not e.name.endswith(".weight"):
+            continue
+        largest = max(largest, e.n_elements)
+        parts = e.name.split(".")
+        if parts[-2] in targets and any(p.isdigit() for p in parts[:-2]):
+            lora += LORA_RANK * (e.shape[0] + e.shape[1])
+    hidden = int(cfg.get("hidden_size") or 0)
+    return memory_needed(
+        footprint=int(facts["memory_footprint_bytes"]), unquantized_bytes=int(facts.get("unquantized_bytes", 0)),
+        lora_parameters=lora, seqlen=seqlen, hidden=hidden,
+        intermediate=int(cfg.get("intermediate_size") or 4 * hidden), layers=int(cfg.get("num_hidden_layers") or 0),
+        heads=int(cfg.get("num_attention_heads") or 0), vocab=int(cfg.get("vocab_size") or 0), largest_layer=largest)
 
 
 def tower_modules(model_dir: Path) -> list[str]:
