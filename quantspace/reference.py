@@ -29,10 +29,10 @@ from .weights import ITEMSIZE, TensorEntry, all_entries
 FP32 = 4
 # Tokens per forward pass through a layer (whole chunks; at least one): bounds the layer's own activations.
 SLICE_TOKENS = 2048
-# float32 bytes of output-head (or embedding) rows read at once.
-HEAD_BLOCK_BYTES = 64 * 1024 * 1024
+# float32 bytes of output-head (or embedding) rows read at once, and of the logits one block of rows makes.
+HEAD_BLOCK_BYTES = 32 * 1024 * 1024
 # float32 bytes of scored logits computed together (at least one chunk's), before they are handed on.
-LOGITS_BYTES = 256 * 1024 * 1024
+LOGITS_BYTES = 128 * 1024 * 1024
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -88,6 +88,8 @@ class _Weights:
 
 
 def _row_blocks(n_rows: int, row_floats: int) -> Iterator[tuple[int, int]]:
+    """Ranges of rows of about HEAD_BLOCK_BYTES in float32 (row_floats: the larger of a row's width and the
+    number of outputs each row makes)."""
     step = max(1, HEAD_BLOCK_BYTES // (FP32 * max(1, row_floats)))
     for lo in range(0, n_rows, step):
         yield lo, min(n_rows, lo + step)
@@ -99,7 +101,8 @@ def _row_blocks(n_rows: int, row_floats: int) -> Iterator[tuple[int, int]]:
 def chunk_logits(model_dir: Path, chunks: list[list[int]], ctx: int, first_scored: int, scored: int,
                  device: str = "cpu") -> Iterator[np.ndarray]:
     """float32 logits of each chunk's scored positions (rows first_scored .. first_scored+scored-1), shape
-    (scored, vocab), in chunk order. Every layer runs before the first chunk's logits come."""
+    (scored, vocab), in chunk order; each array is valid until the next is asked for (copy it to keep it).
+    Every layer runs before the first chunk's logits come."""
     from .archs import load_config
     from .awq import engine
     from .awq.layers import spec_for
@@ -128,11 +131,25 @@ def chunk_logits(model_dir: Path, chunks: list[list[int]], ctx: int, first_score
                 del y
             layers[i] = layer.to("meta")
             del layer
+            _trim()
         base = spec.layers_path.rpartition(".")[0]
         norm = _materialise(model.get_submodule(f"{base}.norm"), f"{base}.norm.", None, weights, dev)
         hidden = norm(x[:, first_scored:first_scored + scored])
         del x
         yield from _head(weights, spec, cfg, hidden, dev)
+
+
+def _trim() -> None:
+    """Hand the dropped layer's memory back to the OS: glibc keeps freed blocks below its (self-raising) mmap
+    threshold in the heap, where layer after layer of differently sized blocks would add up."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):   # not glibc (e.g. musl): nothing to do
+            pass
 
 
 def _device(device: str) -> torch.device:
@@ -204,17 +221,19 @@ def _head(weights: _Weights, spec: Any, cfg: Any, hidden: torch.Tensor, dev: tor
     cap = getattr(cfg, "final_logit_softcapping", None)
     n_chunks, scored, _ = hidden.shape
     group = max(1, LOGITS_BYTES // (FP32 * scored * vocab))
+    # One buffer for every group: each chunk's array is a view of it, valid until the next chunk is asked for
+    # (as llama.cpp's logits in evaluate._LlamaRunner); the consumer is done with a chunk before the next.
+    out = torch.empty(min(group, n_chunks), scored, vocab, dtype=torch.float32, device=dev)
     for g in range(0, n_chunks, group):
         h = hidden[g:g + group]
-        out = torch.empty(len(h), scored, vocab, dtype=torch.float32, device=dev)
-        for lo, hi in _row_blocks(vocab, hidden.shape[-1]):
+        logits = out[:len(h)]
+        for lo, hi in _row_blocks(vocab, max(hidden.shape[-1], len(h) * scored)):
             b = weights.rows(bias, lo, hi, dev) if bias else None
-            out[..., lo:hi] = nn.functional.linear(h, weights.rows(name, lo, hi, dev), b)
+            logits[..., lo:hi] = nn.functional.linear(h, weights.rows(name, lo, hi, dev), b)
         if cap is not None:   # Gemma-style final soft-capping, as the CausalLM's forward applies it
-            out.div_(cap).tanh_().mul_(cap)
-        for rows in out:
+            logits.div_(cap).tanh_().mul_(cap)
+        for rows in logits:
             yield rows.cpu().numpy()
-        del out
 
 
 # --------------------------------------------------------------------------- memory estimate
@@ -243,7 +262,8 @@ def memory_needed(config: dict[str, Any], ctx: int = 512, max_chunks: int = 16) 
     scored = ctx - 1 - ctx // 2
     per_chunk = FP32 * scored * vocab
     logits = per_chunk * min(max_chunks, max(1, LOGITS_BYTES // max(1, per_chunk)))
-    head = HEAD_BLOCK_BYTES + logits + 2 * per_chunk   # + one chunk handed on and its log-probabilities
+    # a block of head rows and the logits it makes, the logits computed together, one chunk's log-probabilities
+    head = 2 * HEAD_BLOCK_BYTES + logits + 2 * per_chunk
     return int(FP32 * params + activations + head)
 
 
