@@ -16,6 +16,7 @@ same attention (SDPA, causal, each layer's sliding window), same head.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def chunk_logits(model_dir: Path, chunks: list[list[int]], ctx: int, first_score
     tokens = torch.tensor(chunks, dtype=torch.long)
     if tokens.dim() != 2 or tokens.shape[1] != ctx:
         raise ValueError(f"expected chunks of {ctx} tokens")
-    with torch.inference_mode():
+    with _exact():
         x = _embed(weights, spec, cfg, tokens, dev)
         pe_of = engine._position_embeddings(model, spec, x, ctx)
         layers = model.get_submodule(spec.layers_path)
@@ -136,7 +137,20 @@ def chunk_logits(model_dir: Path, chunks: list[list[int]], ctx: int, first_score
         norm = _materialise(model.get_submodule(f"{base}.norm"), f"{base}.norm.", None, weights, dev)
         hidden = norm(x[:, first_scored:first_scored + scored])
         del x
-        yield from _head(weights, spec, cfg, hidden, dev)
+    yield from _head(weights, spec, cfg, hidden, dev)
+
+
+@contextmanager
+def _exact() -> Iterator[None]:
+    """No autograd, and float32 matrix products in full float32 (no TF32 on a GPU, whatever the caller set);
+    entered around computations only, never across a yield (both settings are per thread, not per generator)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def _trim() -> None:
@@ -227,13 +241,14 @@ def _head(weights: _Weights, spec: Any, cfg: Any, hidden: torch.Tensor, dev: tor
     for g in range(0, n_chunks, group):
         h = hidden[g:g + group]
         logits = out[:len(h)]
-        for lo, hi in _row_blocks(vocab, max(hidden.shape[-1], len(h) * scored)):
-            b = weights.rows(bias, lo, hi, dev) if bias else None
-            logits[..., lo:hi] = nn.functional.linear(h, weights.rows(name, lo, hi, dev), b)
-        if cap is not None:   # Gemma-style final soft-capping, as the CausalLM's forward applies it
-            logits.div_(cap).tanh_().mul_(cap)
-        for rows in logits:
-            yield rows.cpu().numpy()
+        with _exact():
+            for lo, hi in _row_blocks(vocab, max(hidden.shape[-1], len(h) * scored)):
+                b = weights.rows(bias, lo, hi, dev) if bias else None
+                logits[..., lo:hi] = nn.functional.linear(h, weights.rows(name, lo, hi, dev), b)
+            if cap is not None:   # Gemma-style final soft-capping, as the CausalLM's forward applies it
+                logits.div_(cap).tanh_().mul_(cap)
+            arrays = [rows.cpu().numpy() for rows in logits]   # views on the CPU; copies from a GPU
+        yield from arrays
 
 
 # --------------------------------------------------------------------------- memory estimate
@@ -261,9 +276,11 @@ def memory_needed(config: dict[str, Any], ctx: int = 512, max_chunks: int = 16) 
                           + chunks_per_slice * heads * ctx * ctx)         # attention scores
     scored = ctx - 1 - ctx // 2
     per_chunk = FP32 * scored * vocab
-    logits = per_chunk * min(max_chunks, max(1, LOGITS_BYTES // max(1, per_chunk)))
-    # a block of head rows and the logits it makes, the logits computed together, one chunk's log-probabilities
-    head = 2 * HEAD_BLOCK_BYTES + logits + 2 * per_chunk
+    group = min(max_chunks, max(1, LOGITS_BYTES // max(1, per_chunk)))
+    rows = min(HEAD_BLOCK_BYTES, FP32 * vocab * hidden)                  # a block of head rows
+    block_logits = min(HEAD_BLOCK_BYTES, per_chunk * group)              # the logits that block makes
+    # + the logits computed together and one chunk's log-probabilities (evaluate.reference_from_logits)
+    head = rows + block_logits + per_chunk * group + 2 * per_chunk
     return int(FP32 * params + activations + head)
 
 

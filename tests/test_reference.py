@@ -218,3 +218,24 @@ def _shapes(model_dir: Path) -> list[tuple[int, ...]]:
     from quantspace.weights import all_entries
 
     return [e.shape for e in all_entries(model_dir)]
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def test_preflight_sizes_evaluation_memory_by_the_path_the_source_takes(tmp_path: Path) -> None:
+    from quantspace.preflight import Hardware, eval_memory, preflight
+
+    deep = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **DEEP}
+    parameters = 363_000_000   # 32 layers of 11.3M, embedding and head
+    need, layered = eval_memory(deep, parameters)
+    assert layered and need == streamed_ref.memory_needed(deep) and need < 4 * parameters / 4   # < a quarter
+    vision = json.loads((_tiny_vision() / "config.json").read_text())
+    assert eval_memory(vision, parameters) == (4 * parameters, False)   # loaded whole
+
+    tiny = _tiny("tiny-llama-bpe", "bpe", "llama")
+    need, _ = eval_memory(json.loads((tiny / "config.json").read_text()), 1)
+    short = preflight(str(tiny), "gguf", ["Q8_0"], hardware=Hardware("cpu", ram=need - 1, disk_free=2**40))
+    assert any("one decoder layer at a time" in p and "turn evaluation off" in p for p in short.problems)
+    roomy = preflight(str(tiny), "gguf", ["Q8_0"], hardware=Hardware("cpu", ram=need + 1, disk_free=2**40))
+    assert roomy.ok and any(c.startswith("Memory: measuring accuracy runs the source") for c in roomy.checks)
