@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import BadOptionError, CorruptWeightsError, TokenizerError, UnsupportedArchitectureError
-from .weights import ITEMSIZE, TensorEntry, all_entries
+from .weights import TensorEntry, all_entries
 
 FP32 = 4
 # Tokens per forward pass through a layer (whole chunks; at least one): bounds the layer's own activations.
