@@ -13,7 +13,7 @@ The statistics are the ones llama.cpp's ``llama-perplexity`` reports with
 Method (cited by the model card):
 
 1. The text is tokenized once, with the source model's Hugging Face
-   tokenizer; the source (transformers, float32 on CPU) and every GGUF
+   tokenizer; the source (transformers, float32) and every GGUF
    (llama.cpp through llama-cpp-python) get exactly these token ids, so
    tokenizer differences cannot leak into the numbers.
 2. When the tokenizer adds a BOS token (as llama-perplexity decides it,
@@ -267,12 +267,67 @@ def evaluate_source(
     workdir: Path,
     text_source: str,
     progress: Progress | None = None,
+    *,
+    device: str = "cpu",
+    streamed: bool | None = None,
 ) -> Reference:
-    """Evaluate the source model (transformers, float32, CPU) and keep its log-probabilities.
+    """Evaluate the source model (transformers, float32) and keep its log-probabilities.
 
-    Peak memory beyond the model is about one chunk's scored logits (float32,
-    ``ctx/2 x vocab``) plus a bounded float64 work block.
+    A text-only model of a family with a layer table is evaluated one decoder layer at a time
+    (quantspace.reference: memory about one layer in float32 plus the chunks' activations, on ``device``);
+    any other source is loaded whole, in float32 on the CPU. ``streamed`` forces one path (tests compare them).
+    Beyond that, peak memory is about one chunk's scored logits (float32, ``ctx/2 x vocab``) plus a bounded
+    float64 work block.
     """
+    from .archs import load_config
+    from .reference import streamable
+
+    config = load_config(Path(model_dir))
+    if streamed is None:
+        streamed = streamable(config)
+    elif streamed and not streamable(config):
+        raise BadOptionError("This source cannot be evaluated layer by layer (multimodal, or no layer table).")
+    if streamed:
+        return _evaluate_streamed(model_dir, chunks, settings, workdir, text_source, progress, device, config)
+    return _evaluate_whole(model_dir, chunks, settings, workdir, text_source, progress)
+
+
+def _evaluate_streamed(
+    model_dir: Path,
+    chunks: list[list[int]],
+    settings: EvalSettings,
+    workdir: Path,
+    text_source: str,
+    progress: Progress | None,
+    device: str,
+    config: dict[str, Any],
+) -> Reference:
+    from .reference import chunk_logits
+
+    with _torch_threads(settings.n_threads):
+        tokenizer_size = _tokenizer_size(model_dir, int(config["vocab_size"]))
+        logits = chunk_logits(
+            Path(model_dir), chunks, settings.ctx, settings.first_scored, settings.scored_per_chunk, device
+        )
+        try:
+            return reference_from_logits(
+                chunks, logits, settings, workdir, text_source, tokenizer_size=tokenizer_size, progress=progress
+            )
+        finally:
+            logits.close()
+            del logits
+            _release_memory()
+
+
+def _evaluate_whole(
+    model_dir: Path,
+    chunks: list[list[int]],
+    settings: EvalSettings,
+    workdir: Path,
+    text_source: str,
+    progress: Progress | None = None,
+) -> Reference:
+    """The whole source loaded in float32 on the CPU (multimodal models, families without a layer table)."""
     import torch
 
     from .multimodal import load_lm, vocab_size

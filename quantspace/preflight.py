@@ -173,12 +173,30 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
     disk = DiskPlan(download_bytes(info), sum(result.sizes.values()), est.work_bytes,
                     eval_scratch_bytes(info.config) if evaluate else 0)
     result.download_bytes, result.disk_needed = disk.download, disk.peak
-    _check_hardware(result, fmt.needs_gpu, evaluate, hardware or detect_hardware())
+    memory = eval_memory(info.config, est.parameters) if evaluate else None
+    _check_hardware(result, fmt.needs_gpu, memory, hardware or detect_hardware())
     result.ok = not result.problems
     return result
 
 
-def _check_hardware(result: PreflightResult, needs_gpu: bool, evaluate: bool, hw: Hardware) -> None:
+def eval_memory(config: dict[str, Any], parameters: int) -> tuple[int, bool]:
+    """(bytes of memory measuring accuracy needs, whether the source is run layer by layer).
+
+    Layer by layer (text-only models of a family with a layer table): about the largest layer in fp32, the
+    evaluation chunks' activations and a block of the output head. Otherwise the whole source in fp32.
+    """
+    from .reference import memory_needed, streamable
+
+    if streamable(config):
+        try:
+            return memory_needed(config), True
+        except (KeyError, TypeError, ValueError):   # a config without the usual sizes: assume the whole model
+            pass
+    return FP32_BYTES * parameters, False
+
+
+def _check_hardware(result: PreflightResult, needs_gpu: bool, eval_need: tuple[int, bool] | None,
+                    hw: Hardware) -> None:
     assert result.parameters is not None and result.disk_needed is not None
     result.hardware = asdict(hw)
     if hw.disk_free is not None:
@@ -190,13 +208,16 @@ def _check_hardware(result: PreflightResult, needs_gpu: bool, evaluate: bool, hw
         else:
             result.checks.append(f"Disk: needs about {format_size(result.disk_needed)}, "
                                  f"{format_size(hw.disk_free)} free.")
-    if evaluate and hw.ram is not None:
-        ram_needed = FP32_BYTES * result.parameters
+    if eval_need is not None and hw.ram is not None:
+        ram_needed, layered = eval_need
+        how = ("runs the source in fp32 one decoder layer at a time (about " + format_size(ram_needed)
+               + ": its largest layer, the evaluation chunks' activations and a block of the output head)"
+               if layered else f"loads the whole source in fp32 (about {format_size(ram_needed)})")
         if ram_needed > hw.ram:
-            result.problems.append(
-                f"Measuring accuracy loads the source in fp32 (about {format_size(ram_needed)}), more than this "
-                f"machine's {format_size(hw.ram)} of memory; turn evaluation off."
-            )
+            result.problems.append(f"Measuring accuracy {how}, more than this machine's {format_size(hw.ram)} "
+                                   "of memory; turn evaluation off.")
+        else:
+            result.checks.append(f"Memory: measuring accuracy {how}; {format_size(hw.ram)} here.")
     result.gpu_memory_needed = int(FP16_BYTES * GPU_HEADROOM * result.parameters)
     if hw.kind == "cpu":
         if needs_gpu:
