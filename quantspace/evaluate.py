@@ -130,13 +130,22 @@ class EvalSettings:
         return self.ctx - 1 - self.ctx // 2
 
 
-def method_line(settings: EvalSettings, runtime: str = "GGUF (llama.cpp)") -> str:
+def method_line(settings: EvalSettings, runtime: str = "GGUF (llama.cpp)", source: str = "transformers fp32") -> str:
     """One line saying how the numbers were computed, for the report and card."""
     return (
         f"llama-perplexity method: {settings.ctx}-token chunks (at most {settings.max_chunks}), "
         f"BOS-first when the tokenizer adds BOS, second half of each chunk scored; "
-        f"same token ids for source (transformers fp32) and {runtime}; KLD(source||quant) in nats."
+        f"same token ids for source ({source}) and {runtime}; KLD(source||quant) in nats."
     )
+
+
+def on_gpu(device: str) -> bool:
+    """Whether llama.cpp runs a GGUF on the GPU for `device`: a CUDA device and a llama.cpp build that offloads."""
+    if device != "cuda":
+        return False
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 @dataclass
@@ -596,9 +605,10 @@ def evaluate_torch_model(model: Any, ref: Reference, progress: Progress | None =
 # --------------------------------------------------------------------------- GGUF through llama.cpp
 
 
-def evaluate_gguf(gguf_path: Path, ref: Reference, progress: Progress | None = None) -> Metrics:
-    """Evaluate a GGUF with llama.cpp on the reference's token chunks and compare it to the source."""
-    with _LlamaRunner(Path(gguf_path), ref.settings) as runner:
+def evaluate_gguf(gguf_path: Path, ref: Reference, progress: Progress | None = None, device: str = "cpu") -> Metrics:
+    """Evaluate a GGUF with llama.cpp on the reference's token chunks and compare it to the source (every layer
+    on the GPU when `device` is cuda and this llama.cpp build has CUDA)."""
+    with _LlamaRunner(Path(gguf_path), ref.settings, gpu=on_gpu(device)) as runner:
         # Fail before any decoding when the vocabularies are not compatible.
         common_vocab(ref.vocab_size, runner.n_vocab, ref.tokenizer_size)
         return compare_to_reference(ref, runner.chunk_logits(ref.tokens), progress)
@@ -612,7 +622,7 @@ class _LlamaRunner:
     than copying all ``ctx`` rows through ``Llama.eval``.
     """
 
-    def __init__(self, gguf_path: Path, settings: EvalSettings) -> None:
+    def __init__(self, gguf_path: Path, settings: EvalSettings, gpu: bool = False) -> None:
         try:
             import llama_cpp
         except ImportError:
@@ -632,6 +642,7 @@ class _LlamaRunner:
                 n_ubatch=ctx,
                 n_threads=settings.n_threads,
                 n_threads_batch=settings.n_threads,
+                n_gpu_layers=-1 if gpu else 0,
                 seed=1234,  # nothing is sampled; fixed anyway
                 verbose=False,
             )

@@ -309,12 +309,20 @@ def _fetch(info: SourceInfo, token: str | None, work: Path, stages: _Stages) -> 
 
 def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Report, text: "EvalText",
               settings: "EvalSettings", job: Context) -> None:
+    from .archs import load_config
     from .evaluate import evaluate_source, method_line, tokenize_for_eval
+    from .reference import streamable
 
     stages = job.stage
     assert job.workdir is not None
     chunks = tokenize_for_eval(model_dir, text, settings)
-    ref = evaluate_source(model_dir, chunks, settings, job.workdir, text.source, progress=stages("evaluate source"))
+    # ZeroGPU lends its GPU only inside a window: the source is measured here, so on the CPU there.
+    device = job.device if job.run_gpu is run_directly else "cpu"
+    ref = evaluate_source(model_dir, chunks, settings, job.workdir, text.source, progress=stages("evaluate source"),
+                          device=device)
+    walk = "layer by layer" if streamable(load_config(model_dir)) else "whole model"
+    source = f"transformers fp32, {walk}, {'CUDA' if device == 'cuda' else 'CPU'}"
+    runtime = fmt.runtime(job) if hasattr(fmt, "runtime") else fmt.eval_runtime
     try:
         report.source_metrics = ref.metrics.to_dict()
         for output, result in zip(outputs, report.files):
@@ -323,7 +331,7 @@ def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Repor
             result.details = dict(output.details) or None   # evaluate may add facts (e.g. a baseline's metrics)
         report.evaluation = EvalInfo(
             text_source=text.source, n_tokens=ref.metrics.n_tokens, ctx=settings.ctx, chunks=len(chunks),
-            method=method_line(settings, fmt.eval_runtime),
+            method=method_line(settings, runtime, source),
         )
     finally:
         ref.close()

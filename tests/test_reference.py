@@ -239,3 +239,13 @@ def test_preflight_sizes_evaluation_memory_by_the_path_the_source_takes(tmp_path
     assert any("one decoder layer at a time" in p and "turn evaluation off" in p for p in short.problems)
     roomy = preflight(str(tiny), "gguf", ["Q8_0"], hardware=Hardware("cpu", ram=need + 1, disk_free=2**40))
     assert roomy.ok and any(c.startswith("Memory: measuring accuracy runs the source") for c in roomy.checks)
+
+
+def test_the_card_says_how_and_where_each_side_was_measured(tmp_path):
+    from quantspace import quantize
+
+    src = _tiny("tiny-llama-bpe", "bpe", "llama")
+    report = quantize(str(src), variants="Q8_0", out=tmp_path / "out", ctx=64, max_chunks=2)
+    method = report.evaluation.method
+    assert "source (transformers fp32, layer by layer, CPU) and GGUF (llama.cpp, CPU)" in method, method
+    assert method in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
