@@ -296,65 +296,40 @@ def evaluate_source(
         streamed = streamable(config)
     elif streamed and not streamable(config):
         raise BadOptionError("This source cannot be evaluated layer by layer (multimodal, or no layer table).")
-    if streamed:
-        return _evaluate_streamed(model_dir, chunks, settings, workdir, text_source, progress, device, config)
-    return _evaluate_whole(model_dir, chunks, settings, workdir, text_source, progress)
-
-
-def _evaluate_streamed(
-    model_dir: Path,
-    chunks: list[list[int]],
-    settings: EvalSettings,
-    workdir: Path,
-    text_source: str,
-    progress: Progress | None,
-    device: str,
-    config: dict[str, Any],
-) -> Reference:
-    from .reference import chunk_logits
-
     with _torch_threads(settings.n_threads):
-        tokenizer_size = _tokenizer_size(model_dir, int(config["vocab_size"]))
-        logits = chunk_logits(
-            Path(model_dir), chunks, settings.ctx, settings.first_scored, settings.scored_per_chunk, device
-        )
+        logits, tokenizer_size = (_streamed_logits(model_dir, chunks, settings, device, config) if streamed
+                                  else _whole_model_logits(model_dir, chunks, settings))
         try:
             return reference_from_logits(
                 chunks, logits, settings, workdir, text_source, tokenizer_size=tokenizer_size, progress=progress
             )
         finally:
-            logits.close()
+            logits.close()  # the generator holds the model (or its current layer) until closed
             del logits
             _release_memory()
 
 
-def _evaluate_whole(
-    model_dir: Path,
-    chunks: list[list[int]],
-    settings: EvalSettings,
-    workdir: Path,
-    text_source: str,
-    progress: Progress | None = None,
-) -> Reference:
+def _streamed_logits(model_dir: Path, chunks: list[list[int]], settings: EvalSettings, device: str,
+                     config: dict[str, Any]) -> tuple[Generator[np.ndarray], int]:
+    from .multimodal import text_config
+    from .reference import chunk_logits
+
+    tokenizer_size = _tokenizer_size(model_dir, int(text_config(config)["vocab_size"]))
+    return chunk_logits(Path(model_dir), chunks, settings.ctx, settings.first_scored, settings.scored_per_chunk,
+                        device), tokenizer_size
+
+
+def _whole_model_logits(model_dir: Path, chunks: list[list[int]],
+                        settings: EvalSettings) -> tuple[Generator[np.ndarray], int]:
     """The whole source loaded in float32 on the CPU (multimodal models, families without a layer table)."""
     import torch
 
     from .multimodal import load_lm, vocab_size
 
-    with _torch_threads(settings.n_threads):
-        # A multimodal source is run on text alone: its language model is what the quantized text model keeps.
-        model = load_lm(model_dir, dtype=torch.float32)
-        model.eval()
-        tokenizer_size = _tokenizer_size(model_dir, vocab_size(model))
-        logits = _source_chunk_logits(model, chunks, settings)
-        try:
-            return reference_from_logits(
-                chunks, logits, settings, workdir, text_source, tokenizer_size=tokenizer_size, progress=progress
-            )
-        finally:
-            logits.close()  # the generator holds the model until closed
-            del logits, model
-            _release_memory()
+    # A multimodal source is run on text alone: its language model is what the quantized text model keeps.
+    model = load_lm(model_dir, dtype=torch.float32)
+    model.eval()
+    return _source_chunk_logits(model, chunks, settings), _tokenizer_size(model_dir, vocab_size(model))
 
 
 def _source_chunk_logits(model: Any, chunks: list[list[int]], settings: EvalSettings) -> Generator[np.ndarray]:

@@ -105,9 +105,10 @@ def stream_quantize(model_dir: str, out: str, config: dict[str, Any], device: st
 
 
 def read_tensor(entry: Any) -> Any:
-    """One tensor read with plain file reads: a memory map would keep every page of the source it touched
-    resident (and counted) until the file is closed."""
+    """One tensor read with plain file reads (weights.read_raw: no memory map)."""
     import torch
+
+    from .weights import read_raw
 
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -115,11 +116,7 @@ def read_tensor(entry: Any) -> Any:
     if entry.dtype not in dtypes:
         raise CorruptWeightsError(f"Tensor {entry.name} has dtype {entry.dtype}, which bitsandbytes' loader does "
                                   "not read.")
-    data = bytearray(entry.nbytes)
-    with open(entry.file, "rb") as f:
-        f.seek(entry.start)
-        if f.readinto(data) != entry.nbytes:
-            raise CorruptWeightsError(f"{entry.file.name} ends inside tensor {entry.name}; the file is truncated.")
+    data = read_raw(entry)
     if not data:
         return torch.empty(entry.shape, dtype=dtypes[entry.dtype])
     return torch.frombuffer(data, dtype=dtypes[entry.dtype]).reshape(entry.shape)

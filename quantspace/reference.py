@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import BadOptionError, CorruptWeightsError, TokenizerError, UnsupportedArchitectureError
-from .weights import TensorEntry, all_entries
+from .weights import TensorEntry, all_entries, read_raw
 
 FP32 = 4
 # Tokens per forward pass through a layer (whole chunks; at least one): bounds the layer's own activations.
@@ -80,11 +80,7 @@ class _Weights:
     def _read(e: TensorEntry, start: int, nbytes: int) -> torch.Tensor:
         if e.dtype not in _TORCH_DTYPES:
             raise CorruptWeightsError(f"Tensor {e.name} has dtype {e.dtype}, which is not a float type we read.")
-        buf = bytearray(nbytes)
-        with open(e.file, "rb") as f:
-            f.seek(start)
-            if f.readinto(buf) != nbytes:
-                raise CorruptWeightsError(f"{e.file.name} is truncated inside tensor {e.name}.")
+        buf = read_raw(e, start, nbytes)
         return torch.frombuffer(buf, dtype=_TORCH_DTYPES[e.dtype]) if nbytes else torch.empty(0)
 
 

@@ -89,6 +89,19 @@ def entries(path: Path) -> list[TensorEntry]:
     return out
 
 
+def read_raw(entry: TensorEntry, start: int | None = None, nbytes: int | None = None) -> bytearray:
+    """A tensor's bytes (or `nbytes` of them from file offset `start`) with plain file reads: a memory map would
+    keep every page it touched resident, and counted, while the file stays open."""
+    start = entry.start if start is None else start
+    nbytes = entry.nbytes if nbytes is None else nbytes
+    buf = bytearray(nbytes)
+    with open(entry.file, "rb") as f:
+        f.seek(start)
+        if f.readinto(buf) != nbytes:
+            raise CorruptWeightsError(f"{entry.file.name} ends inside tensor {entry.name}; the file is truncated.")
+    return buf
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model folder, in shard order."""
     index = model_dir / "model.safetensors.index.json"
