@@ -223,17 +223,37 @@ def compare_matrices(ours_path: Path, theirs_path: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- quantize and evaluate
 
-def quantize_all(f16: Path, work: Path) -> dict[str, Path]:
+def jittered(imatrix: Any, rel: float, seed: int) -> Any:
+    """`imatrix` with every sum multiplied by (1 + e), e normal with mean |e| = rel: a matrix as far from it as
+    ours is, but with no systematic difference."""
+    from quantspace.imatrix import Entry, Imatrix
+
+    rng = np.random.default_rng(seed)
+    sigma = rel * np.sqrt(np.pi / 2)
+    entries = {n: Entry((e.sums * (1 + sigma * rng.standard_normal(e.sums.shape))).astype(np.float32), e.counts)
+               for n, e in imatrix.entries.items()}
+    return Imatrix(entries, imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size)
+
+
+def quantize_all(f16: Path, work: Path, noise: int = 0, rel: float = 0.0) -> dict[str, Path]:
+    """Each type with ours and theirs (and none where llama.cpp allows); with `noise`, also PLAIN types with that
+    many jittered copies of theirs (how much KLD moves from differences as small as ours and theirs have)."""
     from quantspace.formats.gguf import VARIANTS, llama_quantize
     from quantspace.imatrix import read_imatrix
 
     mats = {"ours": read_imatrix(work / "imatrix-ours.gguf"), "theirs": read_imatrix(work / "imatrix-theirs.gguf")}
+    for seed in range(noise):
+        mats[f"jitter{seed}"] = jittered(mats["theirs"], rel, seed)
     files: dict[str, Path] = {}
     for q in QUANTS:
         for who in (("ours", "theirs", "none") if q in PLAIN else ("ours", "theirs")):
             dst = work / f"{who}-{q}.gguf"
             llama_quantize(f16, dst, VARIANTS[q].ftype, threads=THREADS, imatrix=mats.get(who))
             files[f"{who}-{q}"] = dst
+        for seed in range(noise if q in PLAIN else 0):
+            dst = work / f"jitter{seed}-{q}.gguf"
+            llama_quantize(f16, dst, VARIANTS[q].ftype, threads=THREADS, imatrix=mats[f"jitter{seed}"])
+            files[f"jitter{seed}-{q}"] = dst
     return files
 
 
@@ -295,6 +315,12 @@ def print_table(time_ours: dict[str, float], time_theirs: dict[str, float], qual
         print(f"{q:8s} {o['kld_mean']:10.5f} {t['kld_mean']:10.5f} {ratio:6.3f} {none:>9s} "
               f"{o['perplexity']:9.3f} {t['perplexity']:10.3f} {o['top1_agreement']:9.4f} "
               f"{t['top1_agreement']:11.4f}{flag}")
+    for q in PLAIN:
+        jit = [v["kld_mean"] / quality[f"theirs-{q}"]["kld_mean"] for k, v in quality.items()
+               if k.startswith("jitter") and k.endswith(f"-{q}")]
+        if jit:
+            print(f"{q}: theirs jittered by ours' mean rel. difference, KLD / theirs: "
+                  + ", ".join(f"{r:.3f}" for r in jit))
 
 
 def print_profile(path: Path, n: int = 25) -> None:
@@ -313,6 +339,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=1, help="imatrix runs per tool, alternating (default 1)")
     ap.add_argument("--eval-chunks", type=int, default=16, help="evaluation chunks of 512 (default 16, the pipeline's)")
     ap.add_argument("--no-eval", action="store_true", help="time and compare the matrices only (e.g. random models)")
+    ap.add_argument("--noise", type=int, default=0, metavar="N",
+                    help="also quantize IQ4_XS and Q4_K_M with N copies of theirs jittered as far as ours differs")
     ap.add_argument("--profile", action="store_true", help="also run ours once under cProfile and print the top")
     ap.add_argument("--rss-via", choices=("auto", "time", "helper"), default="auto",
                     help="peak RSS from /usr/bin/time -v or a small Python helper (auto: time if it works)")
@@ -367,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     quality = None
     if not args.no_eval:
         print("quantizing:", flush=True)
-        files = quantize_all(f16, work)
+        files = quantize_all(f16, work, args.noise, agree["mean_rel_diff"])
         print("evaluating:", flush=True)
         quality = evaluate_all(model, files, work, args.eval_chunks)
     print_table(time_ours, time_theirs, quality, agree)
