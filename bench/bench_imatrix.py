@@ -76,10 +76,11 @@ def llama_imatrix() -> Path:
             for m in members:
                 m.name = m.name[len(top) + 1:]
             tar.extractall(SRC_DIR, members=members, filter="data")
-    # Only what llama-imatrix needs: no tests, examples, server, curl/openssl (no network here), static libs.
+    # Only what llama-imatrix needs: no tests, examples, server or openssl (no network here; this version's
+    # CMakeLists deprecates LLAMA_CURL), static libraries.
     configure = ["cmake", "-S", str(src), "-B", str(BUILD_DIR), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
                  "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF",
                  "-DBUILD_SHARED_LIBS=OFF"]
     log = CACHE / "imatrix-build.log"
     print(f"building llama-imatrix (log {log}); minutes on 2 cores", flush=True)
@@ -174,6 +175,17 @@ def theirs_cmd(binary: Path, f16: Path, work: Path, out: Path, n_chunks: int, ct
             "-t", str(THREADS), "-o", str(out)]
 
 
+def cpu_seconds(report: Path) -> float | None:
+    """User + system CPU seconds from GNU time's report: on a shared VM far steadier than wall time."""
+    if not report.is_file():
+        return None
+    found = dict(line.strip().split(": ", 1) for line in report.read_text().splitlines() if ": " in line)
+    try:
+        return float(found["User time (seconds)"]) + float(found["System time (seconds)"])
+    except (KeyError, ValueError):
+        return None   # the Python helper reports RSS only
+
+
 def bench_tools(model: Path, f16: Path, binary: Path, work: Path, n_chunks: int, ctx: int, repeats: int,
                 via: str) -> list[Run]:
     env = child_env(REPO)
@@ -186,7 +198,8 @@ def bench_tools(model: Path, f16: Path, binary: Path, work: Path, n_chunks: int,
             cmd = ours_cmd(model, f16, work, out) if tool == "ours" else \
                 theirs_cmd(binary, f16, work, out, n_chunks, ctx)
             r = run_measured(tool, cmd, env, work, work / f"{tool}-{i}.log", via)
-            print(f"  {tool:6s} run {i + 1}: {r.wall_s:7.1f} s wall"
+            r.cpu_s = cpu_seconds(work / f"{tool}-{i}.rusage")   # type: ignore[attr-defined]
+            print(f"  {tool:6s} run {i + 1}: {r.wall_s:7.1f} s wall, {r.cpu_s or float('nan'):7.1f} s CPU"
                   + (f" ({r.inner_s:.1f} s in compute)" if r.inner_s else "")
                   + f", peak RSS {r.max_rss_mib:.0f} MiB", flush=True)
             runs.append(r)
@@ -283,6 +296,8 @@ def summarise(runs: list[Run], tool: str) -> dict[str, float]:
     return {"wall_s_median": statistics.median(r.wall_s for r in mine),
             "wall_s_min": min(r.wall_s for r in mine), "wall_s_max": max(r.wall_s for r in mine),
             "max_rss_mib": max(r.max_rss_mib for r in mine),
+            **({"cpu_s_median": statistics.median(r.cpu_s for r in mine)} if all(getattr(r, "cpu_s", None)
+                                                                              for r in mine) else {}),
             **({"inner_s_median": statistics.median(r.inner_s for r in mine if r.inner_s)} if tool == "ours" else {})}
 
 
@@ -293,6 +308,9 @@ def print_table(time_ours: dict[str, float], time_theirs: dict[str, float], qual
     print(f"ours   {t_o:7.1f} s (compute() alone {time_ours['inner_s_median']:.1f} s), peak RSS "
           f"{time_ours['max_rss_mib']:.0f} MiB")
     print(f"theirs {t_t:7.1f} s, peak RSS {time_theirs['max_rss_mib']:.0f} MiB")
+    if "cpu_s_median" in time_ours and "cpu_s_median" in time_theirs:
+        c_o, c_t = time_ours["cpu_s_median"], time_theirs["cpu_s_median"]
+        print(f"CPU time (user + sys): ours {c_o:.1f} s, theirs {c_t:.1f} s, ratio {c_o / c_t:.2f}x")
     print(f"ratio ours/theirs: time {t_o / t_t:.2f}x (target <= 1.0), RSS "
           f"{time_ours['max_rss_mib'] / time_theirs['max_rss_mib']:.2f}x")
     print("\n== matrices ==")
@@ -412,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"model": str(model), "chunks": args.chunks, "ctx": args.ctx, "repeats": args.repeats,
                    "threads": THREADS, "tokens": tokens, "time": {"ours": time_ours, "theirs": time_theirs,
                    "ratio": time_ours["wall_s_median"] / time_theirs["wall_s_median"]},
-                   "runs": [asdict(r) for r in runs], "matrices": agree, "quality": quality,
+                   "runs": [{**asdict(r), "cpu_s": getattr(r, "cpu_s", None)} for r in runs], "matrices": agree, "quality": quality,
                    "profile": str(prof) if prof else None, "machine": _machine(),
                    "loadavg_1min": {"start": load_start, "end": os.getloadavg()[0]}}
         args.json.write_text(json.dumps(payload, indent=2))
