@@ -28,6 +28,7 @@ from .archs import load_config
 from .awq import engine
 from .awq.layers import LayerSpec, spec_for
 from .errors import QuantizeError
+from .gguf_header import read_header
 from .imatrix import Entry, Imatrix
 
 HEAD = "lm_head"   # the sums of the head step (the final norm's output) are stored under this name
@@ -200,68 +201,12 @@ def _gguf_tensors(gguf_path: Path) -> tuple[Any, dict[str, tuple[int, ...]]]:
     """(gguf's MODEL_ARCH, name → shape in ggml order) of the F16 GGUF the variants are quantized from."""
     import gguf
 
-    name, shapes = _gguf_header(gguf_path)
+    header = read_header(gguf_path)
+    name, shapes = header.architecture, {n: shape for n, (shape, _) in header.tensors.items()}
     by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     if name not in by_name:
         raise QuantizeError(f"{gguf_path.name} names architecture '{name}', which this gguf-py does not know.")
     return by_name[name], shapes
-
-
-# Byte sizes of GGUF's fixed-size value types (uint8 .. float64; 8 = string and 9 = array are read apart).
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
-def _gguf_header(path: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """general.architecture and the tensor shapes, read straight from the header. gguf.GGUFReader builds a
-    numpy view of every metadata value (each of 50k vocabulary strings): 5-15 s on a small CPU, longer than
-    collecting the sums of a small model."""
-    import mmap
-    import struct
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise QuantizeError(f"{path.name} is not a GGUF file.")
-        n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-        pos = 24
-
-        def string() -> str:
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            pos += 8 + n
-            return buf[pos - n:pos].decode("utf-8", errors="replace")
-
-        def skip(vtype: int) -> None:
-            nonlocal pos
-            if vtype == 8:
-                (n,) = struct.unpack_from("<Q", buf, pos)
-                pos += 8 + n
-            elif vtype == 9:
-                etype, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if etype in _GGUF_SIZES:
-                    pos += count * _GGUF_SIZES[etype]
-                else:
-                    for _ in range(count):
-                        skip(etype)
-            else:
-                pos += _GGUF_SIZES[vtype]
-
-        arch = ""
-        for _ in range(n_kv):
-            key = string()
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            if key == "general.architecture" and vtype == 8:
-                arch = string()
-            else:
-                skip(vtype)
-        shapes = {}
-        for _ in range(n_tensors):
-            name = string()
-            (n_dims,) = struct.unpack_from("<I", buf, pos)
-            shapes[name] = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-            pos += 4 + 8 * n_dims + 4 + 8   # dims, type, offset
-    return arch, {k: tuple(int(d) for d in v) for k, v in shapes.items()}
 
 
 def assemble(model_dir: Path, state_dir: Path, gguf_path: Path, dataset: str) -> Imatrix:

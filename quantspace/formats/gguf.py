@@ -202,8 +202,9 @@ def uses_imatrix(options: dict[str, Any], variant: str) -> bool:
 
 def file_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
     """GGUF name → (shape with the row last, type), from a file's header."""
-    return {t.name: (tuple(int(n) for n in reversed(t.shape)), Q(t.tensor_type))
-            for t in gguf.GGUFReader(path).tensors}
+    from ..gguf_header import read_header
+
+    return {name: (tuple(reversed(shape)), Q(t)) for name, (shape, t) in read_header(path).tensors.items()}
 
 
 def type_counts(path: Path) -> dict[str, int]:
