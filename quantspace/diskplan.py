@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .report import format_size
 
@@ -88,9 +88,3 @@ def hub_cache() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
-
-
-def scratch_bytes(config: dict[str, Any], evaluating: bool, ctx: int, max_chunks: int) -> int:
-    from .preflight import eval_scratch_bytes
-
-    return eval_scratch_bytes(config, ctx, max_chunks) if evaluating else 0
