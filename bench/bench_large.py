@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -102,6 +102,31 @@ def folder_bytes(roots: list[Path]) -> int:
     return total
 
 
+def current_stage(log: Path) -> str | None:
+    """The stage the job's progress bar shows last ("quantize Q4_K_M", "evaluate source"...)."""
+    try:
+        tail = log.read_bytes()[-400:].decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    found = re.findall(r"([a-zA-Z][\w ]*?)\s+\d+%\|", tail)
+    return found[-1].strip() if found else None
+
+
+def job_rss() -> float:
+    """GiB resident in `python -m quantspace quantize` (the job), from /proc."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"quantspace\x00quantize" in cmd and b"time" not in cmd.split(b"\x00")[0]:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except (OSError, ValueError):   # the process ended meanwhile
+            continue
+    return total / GIB
+
+
 def plan(model: Path, ctx: int, chunks: int) -> dict[str, int]:
     """The preflight's disk plan for the job's own settings, and its memory figure for the evaluation."""
     from quantspace.diskplan import DiskPlan
@@ -132,11 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     tmp.mkdir()
     env = {**child_env(REPO), "TMPDIR": str(tmp)}
     peak = [0]
+    rss_by_stage: dict[str, float] = {}   # GiB, the job's resident memory sampled twice a second, per stage
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.5):
             peak[0] = max(peak[0], folder_bytes([work]))
+            stage, rss = current_stage(work / "job.log"), job_rss()
+            if stage and rss:
+                rss_by_stage[stage] = max(rss_by_stage.get(stage, 0.0), rss)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -155,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_rss_gib": run.max_rss_mib / 1024, "wall_s": run.wall_s, "disk_peak_measured_bytes": peak[0],
         "disk_plan_vs_measured": planned["disk_peak_bytes"] / max(1, peak[0]), "timings_s": timings,
         "evaluation_share": evaluation / max(1e-9, sum(timings.values())), "file_bytes": report["files"][0]["size_bytes"],
+        "sampled_rss_gib_by_stage": rss_by_stage,
         "gnu_time": str(GNU_TIME) if gnu_time_works() else None,
     }
     print(json.dumps(result, indent=2))
