@@ -129,14 +129,14 @@ def job_rss() -> float:
 
 def plan(model: Path, ctx: int, chunks: int) -> dict[str, int]:
     """The preflight's disk plan for the job's own settings, and its memory figure for the evaluation."""
-    from quantspace.diskplan import DiskPlan
+    from quantspace.diskplan import plan as disk_plan
     from quantspace.estimate import estimate
     from quantspace.preflight import eval_memory, eval_scratch_bytes
     from quantspace.source import resolve
 
     info = resolve(str(model))
     est = estimate(str(model), "gguf", ["Q4_K_M"], info=info, options={"imatrix": "off"})
-    disk = DiskPlan(0, sum(est.sizes.values()), est.work_bytes, eval_scratch_bytes(info.config, ctx, chunks))
+    disk = disk_plan(info, est.sizes, est.work_bytes, eval_scratch_bytes(info.config, ctx, chunks))
     memory, layered = eval_memory(info.config, est.parameters)
     return {"parameters": est.parameters, "q4_k_m_bytes": est.sizes["Q4_K_M"], "disk_peak_bytes": disk.peak,
             "eval_memory_bytes": memory, "layered": layered}

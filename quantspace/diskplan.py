@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from .report import format_size
 
 if TYPE_CHECKING:
-    from .formats import Format, TensorStats
     from .source import SourceInfo
 
 
@@ -42,9 +41,9 @@ class DiskPlan:
         return ", ".join(parts)
 
 
-def plan(fmt: "Format", stats: "TensorStats", variants: list[str], sizes: dict[str, int], info: "SourceInfo",
-         scratch: int) -> DiskPlan:
-    return DiskPlan(download_bytes(info), sum(sizes.values()), fmt.work_bytes(stats, variants, sizes), scratch)
+def plan(info: "SourceInfo", sizes: dict[str, int], work: int, scratch: int) -> DiskPlan:
+    """The plan for these outputs (`sizes`), the method's intermediates (`work`) and the evaluation's scratch."""
+    return DiskPlan(download_bytes(info), sum(sizes.values()), work, scratch)
 
 
 def download_bytes(info: "SourceInfo") -> int:

@@ -208,7 +208,7 @@ def _check_plan(fmt: Format, info: SourceInfo, chosen: list[str], opts: dict[str
     try:
         stats = TensorStats(tensor_shapes(info, token), info.config, info.files, opts)
         sizes = fmt.estimate(stats, chosen)
-        disk = diskplan.plan(fmt, stats, chosen, sizes, info, _scratch(info, settings))
+        disk = diskplan.plan(info, sizes, fmt.work_bytes(stats, chosen, sizes), _scratch(info, settings))
         short = diskplan.shortfall(disk, out_dir, diskplan.hub_cache())
     except BadOptionError:
         raise
@@ -316,8 +316,7 @@ def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Repor
     stages = job.stage
     assert job.workdir is not None
     chunks = tokenize_for_eval(model_dir, text, settings)
-    # ZeroGPU lends its GPU only inside a window: the source is measured here, so on the CPU there.
-    device = job.device if job.run_gpu is run_directly else "cpu"
+    device = job.local_device   # the source is measured in this process: on the CPU under ZeroGPU
     ref = evaluate_source(model_dir, chunks, settings, job.workdir, text.source, progress=stages("evaluate source"),
                           device=device)
     walk = "layer by layer" if streamable(load_config(model_dir)) else "whole model"

@@ -126,7 +126,7 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
         result.problems.append(str(exc))
         options = None   # the sizes below are then llama.cpp's own choice
 
-    from .diskplan import DiskPlan, download_bytes
+    from .diskplan import plan
     from .estimate import estimate
     from .hub import check_target
     from .source import resolve
@@ -170,8 +170,7 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
     if "mmproj" in result.sizes:   # GGUF of a multimodal model: the projector file, counted with the outputs
         result.checks.append(f"Also writes mmproj-{info.name}-F16.gguf, the vision/audio projector for "
                              f"llama-mtmd-cli / llama-server --mmproj (about {format_size(result.sizes['mmproj'])}).")
-    disk = DiskPlan(download_bytes(info), sum(result.sizes.values()), est.work_bytes,
-                    eval_scratch_bytes(info.config) if evaluate else 0)
+    disk = plan(info, result.sizes, est.work_bytes, eval_scratch_bytes(info.config) if evaluate else 0)
     result.download_bytes, result.disk_needed = disk.download, disk.peak
     memory = eval_memory(info.config, est.parameters) if evaluate else None
     _check_hardware(result, fmt.needs_gpu, memory, hardware or detect_hardware())

@@ -105,6 +105,11 @@ class Context:
     token: str | None = None         # the user's Hub token (a calibration dataset may be private)
     gpu_window_s: float | None = None   # length of one run_gpu window (ZeroGPU); None: unbounded
 
+    @property
+    def local_device(self) -> str:
+        """The device this process may use itself: ZeroGPU lends its GPU only inside a window (run_gpu)."""
+        return self.device if self.run_gpu is run_directly else "cpu"
+
 
 class Format(Protocol):
     name: str                      # CLI value of --method

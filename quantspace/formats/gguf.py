@@ -397,12 +397,12 @@ class GGUF:
     def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
         from ..evaluate import evaluate_gguf
 
-        return evaluate_gguf(output.path, ref, progress=tick, device=local_device(ctx))
+        return evaluate_gguf(output.path, ref, progress=tick, device=ctx.local_device)
 
     def runtime(self, ctx: Context) -> str:
         from ..evaluate import on_gpu
 
-        return f"GGUF (llama.cpp, {'CUDA' if on_gpu(local_device(ctx)) else 'CPU'})"
+        return f"GGUF (llama.cpp, {'CUDA' if on_gpu(ctx.local_device) else 'CPU'})"
 
     def tags(self, variants: list[str]) -> list[str]:
         return ["gguf", "quantized", "llama.cpp", *[v.lower() for v in variants]]
@@ -463,11 +463,6 @@ class GGUF:
                       "the same for every file above): give it with `--mmproj` to use images. The accuracy "
                       "numbers are the language model's, on text only, against the source's language model.")
         return notes
-
-
-def local_device(ctx: Context) -> str:
-    """The device this process may use itself: ZeroGPU lends its GPU only inside a window (run_gpu)."""
-    return ctx.device if ctx.run_gpu is run_directly else "cpu"
 
 
 def split_outputs(outputs: list[Output], limit: int, stage: Any) -> list[Output]:
