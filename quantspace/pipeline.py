@@ -321,7 +321,7 @@ def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Repor
                           device=device)
     walk = "layer by layer" if streamable(load_config(model_dir)) else "whole model"
     source = f"transformers fp32, {walk}, {'CUDA' if device == 'cuda' else 'CPU'}"
-    runtime = fmt.runtime(job) if hasattr(fmt, "runtime") else fmt.eval_runtime
+    runtime = fmt.runtime(job)
     try:
         report.source_metrics = ref.metrics.to_dict()
         for output, result in zip(outputs, report.files):

@@ -15,7 +15,7 @@ same attention (SDPA, causal, each layer's sliding window), same head.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ HEAD_BLOCK_BYTES = 32 * 1024 * 1024
 LOGITS_BYTES = 128 * 1024 * 1024
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_INT_DTYPES = {"I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
 
 
 def streamable(config: dict[str, Any]) -> bool:
@@ -55,8 +56,11 @@ def streamable(config: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- weights
 
 
-class _Weights:
-    """Named tensors of the source's safetensors files, read as float32 (whole, or a range of rows)."""
+class SourceWeights:
+    """Named tensors of a model folder's safetensors files, read as float32 (whole, or a range of rows).
+
+    The walk asks only for these; a subclass may hand out other weights under the same names (the AWQ
+    checkpoint's, dequantized; the source's, rounded to nearest) and the walk measures those instead."""
 
     def __init__(self, model_dir: Path):
         self.entries: dict[str, TensorEntry] = {e.name: e for e in all_entries(model_dir)}
@@ -75,6 +79,16 @@ class _Weights:
         row_bytes = e.nbytes // e.shape[0]
         block = self._read(e, e.start + lo * row_bytes, (hi - lo) * row_bytes)
         return block.view(hi - lo, *e.shape[1:]).to(device, torch.float32)
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor as the file stores it (any dtype, integers too), on the CPU."""
+        e = self.entry(name)
+        dtype = _TORCH_DTYPES.get(e.dtype) or _INT_DTYPES.get(e.dtype)
+        if dtype is None:
+            raise CorruptWeightsError(f"Tensor {e.name} has dtype {e.dtype}, which is not a type we read.")
+        if not e.nbytes:
+            return torch.empty(e.shape, dtype=dtype)
+        return torch.frombuffer(read_raw(e), dtype=dtype).view(*e.shape)
 
     @staticmethod
     def _read(e: TensorEntry, start: int, nbytes: int) -> torch.Tensor:
@@ -96,10 +110,12 @@ def _row_blocks(n_rows: int, row_floats: int) -> Iterator[tuple[int, int]]:
 
 
 def chunk_logits(model_dir: Path, chunks: list[list[int]], ctx: int, first_scored: int, scored: int,
-                 device: str = "cpu") -> Iterator[np.ndarray]:
+                 device: str = "cpu", weights: SourceWeights | None = None,
+                 on_layer: Callable[[int, int], None] | None = None) -> Iterator[np.ndarray]:
     """float32 logits of each chunk's scored positions (rows first_scored .. first_scored+scored-1), shape
     (scored, vocab), in chunk order; each array is valid until the next is asked for (copy it to keep it).
-    Every layer runs before the first chunk's logits come."""
+    Every layer runs before the first chunk's logits come; on_layer(done, layers) is called after each.
+    `weights` (default: model_dir's own) supplies the tensors; the architecture is model_dir's config.json."""
     from .archs import load_config
     from .awq import engine
     from .awq.layers import spec_for
@@ -107,7 +123,7 @@ def chunk_logits(model_dir: Path, chunks: list[list[int]], ctx: int, first_score
     dev = _device(device)
     config = load_config(model_dir)
     spec = spec_for(config)
-    weights = _Weights(model_dir)
+    weights = SourceWeights(model_dir) if weights is None else weights
     model = engine._skeleton(config, spec)
     cfg = model.config
     tokens = torch.tensor(chunks, dtype=torch.long)
@@ -129,6 +145,8 @@ def chunk_logits(model_dir: Path, chunks: list[list[int]], ctx: int, first_score
             layers[i] = layer.to("meta")
             del layer
             _trim()
+            if on_layer is not None:
+                on_layer(i + 1, len(layers))
         base = spec.layers_path.rpartition(".")[0]
         norm = _materialise(model.get_submodule(f"{base}.norm"), f"{base}.norm.", None, weights, dev)
         hidden = norm(x[:, first_scored:first_scored + scored])
@@ -171,7 +189,7 @@ def _device(device: str) -> torch.device:
     return dev
 
 
-def _materialise(module: nn.Module, prefix: str, spec: Any, weights: _Weights, dev: torch.device) -> nn.Module:
+def _materialise(module: nn.Module, prefix: str, spec: Any, weights: SourceWeights, dev: torch.device) -> nn.Module:
     """The meta-device module with its float32 tensors read from the source, on the device."""
     stored = spec.stored if spec is not None else (lambda n: n)
     state = {name: weights.get(prefix + stored(name), dev) for name in module.state_dict()}
@@ -179,7 +197,7 @@ def _materialise(module: nn.Module, prefix: str, spec: Any, weights: _Weights, d
     return module
 
 
-def _embed(weights: _Weights, spec: Any, cfg: Any, tokens: torch.Tensor, dev: torch.device) -> torch.Tensor:
+def _embed(weights: SourceWeights, spec: Any, cfg: Any, tokens: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """The chunks' float32 embeddings [chunks, ctx, hidden], the table read in row blocks (Gemma: × √hidden in
     float32, as transformers does on a float32 model)."""
     e = weights.entry(spec.embeddings)
@@ -219,7 +237,7 @@ def _mask(cfg: Any, i: int, ctx: int, dev: torch.device) -> torch.Tensor | None:
     return ((k <= q) & (q - k < window))[None, None]
 
 
-def _head(weights: _Weights, spec: Any, cfg: Any, hidden: torch.Tensor, dev: torch.device) -> Iterator[np.ndarray]:
+def _head(weights: SourceWeights, spec: Any, cfg: Any, hidden: torch.Tensor, dev: torch.device) -> Iterator[np.ndarray]:
     """Logits of the scored positions, chunks in groups of about LOGITS_BYTES, head rows in blocks."""
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     name = spec.embeddings if tied else "lm_head.weight"

@@ -99,6 +99,35 @@ def _routing(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]
     return torch.stack(picks), residuals
 
 
+def test_layer_by_layer_measurement_equals_the_whole_dequantized_model(quantized, tmp_path):
+    """The pipeline measures the checkpoint (and its RTN baseline) one decoder layer at a time: the same KLD,
+    ΔPPL and top-1 as the whole dequantized model (and the whole rounded source) loaded in float32."""
+    from quantspace.awq.checkpoint import CheckpointWeights, RoundedWeights
+    from quantspace.evaluate import (EvalSettings, evaluate_layers, evaluate_source, evaluate_torch_model,
+                                     load_eval_text, tokenize_for_eval)
+
+    family, src, out, report = quantized
+    settings = EvalSettings(ctx=64, max_chunks=2, threads=2)
+    chunks = tokenize_for_eval(src, load_eval_text(), settings)
+    steps: list[tuple[int, int]] = []
+    with evaluate_source(src, chunks, settings, tmp_path, "t") as ref:
+        pairs = [(evaluate_layers(out, CheckpointWeights(out), ref, progress=lambda *a: steps.append(a)),
+                  evaluate_torch_model(dequantized_model(out), ref)),
+                 (evaluate_layers(src, RoundedWeights(src, 128), ref), evaluate_torch_model(rtn_model(src, 128), ref))]
+    for layered, whole in pairs:
+        assert layered.kld_mean > 1e-4   # quantized: there is a difference to measure
+        assert abs(layered.kld_mean - whole.kld_mean) < 1e-5 + 1e-3 * whole.kld_mean, (layered, whole)
+        assert abs(layered.perplexity / whole.perplexity - 1) < 1e-4
+        assert abs(layered.top1_agreement - whole.top1_agreement) <= 1 / whole.n_tokens   # a near-tie at most
+    # The report's numbers are the layered ones (same settings as the fixture's run).
+    assert abs(report.files[0].metrics["kld_mean"] - pairs[0][0].kld_mean) < 1e-6
+    assert abs(report.files[0].details["rtn"]["kld_mean"] - pairs[1][0].kld_mean) < 1e-6
+    # One progress bar: the layers, then the chunks, to the end.
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    assert steps[0] == (1, layers + 2) and steps[-1] == (layers + 2, layers + 2)
+    assert [d for d, _ in steps] == sorted(d for d, _ in steps)
+
+
 @pytest.mark.parametrize("quantized", MOE, indirect=True)
 def test_routers_stay_16_bit_and_route_as_the_source(quantized):
     family, src, out, _ = quantized

@@ -12,8 +12,9 @@ import torch
 from ..formats import copy_source_files
 from ..weights import F16_MAX
 from ..archs import load_config
+from ..reference import SourceWeights
 from .engine import SourceTensors, layer_file, load_settings
-from .layers import LayerSpec, spec_for
+from .layers import LayerSpec, quantized_tensor_names, spec_for
 from .moe import unfuse_model
 from .pack import fake_quantize, unpack_linear
 
@@ -132,6 +133,38 @@ def dequantized_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         elif suffix not in QUANT_SUFFIXES:
             state[name] = t.float()
     return state
+
+
+class CheckpointWeights(SourceWeights):
+    """The AWQ checkpoint's tensors for the layer-by-layer walk (quantspace.reference): each quantized linear's
+    weight dequantized, (q − z)·s, when the walk asks for it; everything else as stored (fp16), in float32.
+    The same numbers as dequantized_model, one layer in memory at a time."""
+
+    def get(self, name: str, device: torch.device) -> torch.Tensor:
+        base = name.removesuffix(".weight")
+        if base != name and base + ".qweight" in self.entries:
+            packed = (self.raw(f"{base}.{suffix}") for suffix in QUANT_SUFFIXES)
+            return unpack_linear(*packed).to(device)
+        return super().get(name, device)
+
+
+class RoundedWeights(SourceWeights):
+    """The source as the round-to-nearest baseline sees it, for the layer-by-layer walk: every tensor through
+    fp16 (as the checkpoint stores it), each linear AWQ quantizes fake-quantized on the same grid and group,
+    no search. The same numbers as rtn_model, one layer in memory at a time."""
+
+    def __init__(self, model_dir: Path, group_size: int):
+        super().__init__(model_dir)
+        config = load_config(model_dir)
+        self.group_size = group_size
+        self.quantized = set(quantized_tensor_names(spec_for(config), config))
+
+    def rows(self, name: str, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+        return _fp16(super().rows(name, lo, hi, device)).float()
+
+    def get(self, name: str, device: torch.device) -> torch.Tensor:
+        w = super().get(name, device)
+        return fake_quantize(w, self.group_size) if name in self.quantized else w
 
 
 def _plain_model(config: dict[str, Any], spec: LayerSpec) -> Any:

@@ -116,7 +116,6 @@ class Format(Protocol):
     library_name: str              # model card metadata
     suffix: str                    # default repo suffix, e.g. "GGUF"
     title: str                     # for people: card heading and commit message, e.g. "GGUF"
-    eval_runtime: str              # what runs the outputs when they are measured, e.g. "llama.cpp"
     variants: tuple[str, ...]          # every variant it can make
     default_variants: tuple[str, ...]
     options: tuple[Option, ...]        # format-specific options (may be empty)
@@ -147,6 +146,9 @@ class Format(Protocol):
 
     def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
         """Accuracy of one output against the source's reference."""
+
+    def runtime(self, ctx: Context) -> str:
+        """What runs the outputs when evaluate measures them, and where, for the card's method line."""
 
     def tags(self, variants: list[str]) -> list[str]: ...
 

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadOptionError, QuantizeError
+from ..errors import BadOptionError, QuantizeError, UnsupportedArchitectureError
 from ..awq.layers import is_quantized_name
 from . import Context, Option, Output, TensorStats, Tick, pick_variants, run_directly
 
@@ -25,7 +25,6 @@ class AWQ:
     library_name = "transformers"
     suffix = "AWQ"
     title = "AWQ 4-bit"
-    eval_runtime = "the AWQ checkpoint dequantized, (q − z)·s (transformers fp32)"
     variants = tuple(VARIANTS)
     default_variants = ("W4G128",)
     options: tuple[Option, ...] = (
@@ -49,6 +48,8 @@ class AWQ:
         from ..awq.layers import spec_for
 
         spec_for(config)
+        if config.get("use_bidirectional_attention"):   # the engine and the measurement run layers causally
+            raise UnsupportedArchitectureError("AWQ supports causal language models; this one attends both ways.")
         return None
 
     def check_source(self, config: dict[str, Any], variants: list[str]) -> None:
@@ -124,14 +125,21 @@ class AWQ:
         tick(1, 1)
         return files
 
-    def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
-        from ..awq.checkpoint import dequantized_model, rtn_model
-        from ..evaluate import evaluate_torch_model
+    def runtime(self, ctx: Context) -> str:
+        where = "CUDA" if ctx.local_device == "cuda" else "CPU"
+        return f"the AWQ checkpoint dequantized, (q − z)·s (transformers fp32, layer by layer, {where})"
 
-        metrics = evaluate_torch_model(dequantized_model(output.path.parent), ref, progress=tick)
+    def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
+        """The checkpoint's exact weights, dequantized one decoder layer at a time (as the source reference is),
+        on the device this process may use; the round-to-nearest baseline likewise from the source."""
+        from ..awq.checkpoint import CheckpointWeights, RoundedWeights
+        from ..evaluate import evaluate_layers
+
+        ckpt, device = output.path.parent, ctx.local_device
+        metrics = evaluate_layers(ckpt, CheckpointWeights(ckpt), ref, progress=tick, device=device)
         source = self._sources.get(output.variant)
         if ctx.options.get("rtn_baseline", True) and source is not None:
-            rtn = evaluate_torch_model(rtn_model(source, VARIANTS[output.variant]), ref)
+            rtn = evaluate_layers(source, RoundedWeights(source, VARIANTS[output.variant]), ref, device=device)
             output.details["rtn"] = rtn.to_dict()
         return metrics
 

@@ -239,7 +239,6 @@ class GGUF:
     library_name = "gguf"
     suffix = "GGUF"
     title = "GGUF"
-    eval_runtime = "GGUF (llama.cpp)"
     variants = tuple(VARIANTS)
     summaries = {name: v.summary for name, v in VARIANTS.items()}   # the page shows them beside the names
     default_variants = ("Q4_K_M", "Q8_0")

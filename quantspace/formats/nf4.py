@@ -120,7 +120,6 @@ class NF4:
     # The Hub's usual name for bitsandbytes 4-bit checkpoints (e.g. unsloth's `<model>-bnb-4bit` repos).
     suffix = "bnb-4bit"
     title = "bitsandbytes 4-bit"
-    eval_runtime = "the saved checkpoint (transformers + bitsandbytes)"
     variants = tuple(VARIANTS)
     default_variants = ("NF4",)
     options = OPTIONS
@@ -198,6 +197,10 @@ class NF4:
             details["qlora"] = result if "skipped" in result else {**result, "calibration": source}
             tick(1, 1)
         return [_move_into(staging, out_dir, variant, details)]
+
+    def runtime(self, ctx: Context) -> str:
+        # evaluate runs where the format computes: inside the GPU window under ZeroGPU
+        return f"the saved checkpoint (transformers + bitsandbytes, {'CUDA' if ctx.device == 'cuda' else 'CPU'})"
 
     def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
         folder = str(output.path.parent)
