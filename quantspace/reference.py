@@ -9,14 +9,20 @@ applied to the scored positions only and read in blocks of rows, so the head is 
 Weights are read with plain file reads (no mmap): a memory-mapped file's pages would stay resident in the process
 while the walk goes on, and the point of the walk is that they do not.
 
+On ZeroGPU the walk runs in GPU windows (GpuWindows): each window loads the chunks' hidden states, runs the
+layers its time allows and saves them back; the embeddings and the head stay on the CPU in this process.
+
 The numbers are those of the whole-model path (quantspace.evaluate) within float32 rounding: same float32 weights,
 same attention (SDPA, causal, each layer's sliding window), same head.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import BadOptionError, CorruptWeightsError, TokenizerError, UnsupportedArchitectureError
+from .errors import BadOptionError, CorruptWeightsError, QuantizeError, TokenizerError, UnsupportedArchitectureError
 from .weights import TensorEntry, all_entries, read_raw
 
 FP32 = 4
@@ -109,49 +115,128 @@ def _row_blocks(n_rows: int, row_floats: int) -> Iterator[tuple[int, int]]:
 # --------------------------------------------------------------------------- the walk
 
 
+@dataclass(frozen=True)
+class GpuWindows:
+    """The walk in GPU windows (ZeroGPU): `run(fn, *args)` calls fn in a window, where about budget_s of layers
+    run; the chunks' hidden states wait in a folder under workdir between windows."""
+    run: Callable[..., Any]
+    budget_s: float
+    workdir: Path
+
+
 def chunk_logits(model_dir: Path, chunks: list[list[int]], ctx: int, first_scored: int, scored: int,
                  device: str = "cpu", weights: SourceWeights | None = None,
-                 on_layer: Callable[[int, int], None] | None = None) -> Iterator[np.ndarray]:
+                 on_layer: Callable[[int, int], None] | None = None,
+                 windows: GpuWindows | None = None) -> Iterator[np.ndarray]:
     """float32 logits of each chunk's scored positions (rows first_scored .. first_scored+scored-1), shape
     (scored, vocab), in chunk order; each array is valid until the next is asked for (copy it to keep it).
-    Every layer runs before the first chunk's logits come; on_layer(done, layers) is called after each.
-    `weights` (default: model_dir's own) supplies the tensors; the architecture is model_dir's config.json."""
+    Every layer runs before the first chunk's logits come; on_layer(done, layers) is called as they finish.
+    `weights` (default: model_dir's own) supplies the tensors; the architecture is model_dir's config.json.
+    With `windows`, the layers run in GPU windows on `device` and the rest (embeddings, head) here on the CPU."""
     from .archs import load_config
     from .awq import engine
     from .awq.layers import spec_for
 
-    dev = _device(device)
     config = load_config(model_dir)
     spec = spec_for(config)
     weights = SourceWeights(model_dir) if weights is None else weights
-    model = engine._skeleton(config, spec)
-    cfg = model.config
+    n_layers = int(config["num_hidden_layers"])
     tokens = torch.tensor(chunks, dtype=torch.long)
     if tokens.dim() != 2 or tokens.shape[1] != ctx:
         raise ValueError(f"expected chunks of {ctx} tokens")
+    dev = torch.device("cpu") if windows else _device(device)
+    model = engine._skeleton(config, spec)
+    cfg = model.config
     with _exact():
         x = _embed(weights, spec, cfg, tokens, dev)
-        pe_of = engine._position_embeddings(model, spec, x, ctx)
-        layers = model.get_submodule(spec.layers_path)
-        per_slice = max(1, SLICE_TOKENS // ctx)
-        for i in range(len(layers)):
-            layer = _materialise(layers[i], f"{spec.layers_path}.{i}.", spec, weights, dev)
-            mask = _mask(cfg, i, ctx, dev)
-            pe = pe_of(i)
-            for lo in range(0, len(x), per_slice):   # chunks are independent: each slice is replaced in place
-                y = layer(x[lo:lo + per_slice], position_embeddings=pe, attention_mask=mask)
-                x[lo:lo + per_slice] = y[0] if isinstance(y, tuple) else y
-                del y
-            layers[i] = layer.to("meta")
-            del layer
-            _trim()
-            if on_layer is not None:
-                on_layer(i + 1, len(layers))
-        base = spec.layers_path.rpartition(".")[0]
+    if windows is None:
+        with _exact():
+            _walk(model_dir, weights, x, 0, dev, None, on_layer)
+    else:
+        x = _walk_in_windows(model_dir, weights, x, device, windows, n_layers, on_layer)
+    base = spec.layers_path.rpartition(".")[0]
+    with _exact():
         norm = _materialise(model.get_submodule(f"{base}.norm"), f"{base}.norm.", None, weights, dev)
         hidden = norm(x[:, first_scored:first_scored + scored])
         del x
     yield from _head(weights, spec, cfg, hidden, dev)
+
+
+def _walk(model_dir: Path, weights: SourceWeights, x: torch.Tensor, first: int, dev: torch.device,
+          budget_s: float | None, on_layer: Callable[[int, int], None] | None) -> int:
+    """Run the decoder layers from `first` over the chunks' hidden states x [chunks, ctx, hidden] in place;
+    the index of the next layer to run (all of them, unless the next would not finish within budget_s)."""
+    from .archs import load_config
+    from .awq import engine
+    from .awq.layers import spec_for
+
+    start = time.monotonic()
+    config = load_config(model_dir)
+    spec = spec_for(config)
+    model = engine._skeleton(config, spec)
+    cfg, ctx = model.config, x.shape[1]
+    pe_of = engine._position_embeddings(model, spec, x, ctx)
+    layers = model.get_submodule(spec.layers_path)
+    per_slice = max(1, SLICE_TOKENS // ctx)
+    slowest = 0.0
+    for i in range(first, len(layers)):
+        if budget_s is not None and i > first and time.monotonic() - start + 1.2 * slowest > budget_s:
+            return i
+        t0 = time.monotonic()
+        layer = _materialise(layers[i], f"{spec.layers_path}.{i}.", spec, weights, dev)
+        mask = _mask(cfg, i, ctx, dev)
+        pe = pe_of(i)
+        for lo in range(0, len(x), per_slice):   # chunks are independent: each slice is replaced in place
+            y = layer(x[lo:lo + per_slice], position_embeddings=pe, attention_mask=mask)
+            x[lo:lo + per_slice] = y[0] if isinstance(y, tuple) else y
+            del y
+        layers[i] = layer.to("meta")
+        del layer
+        _trim()
+        slowest = max(slowest, time.monotonic() - t0)
+        if on_layer is not None:
+            on_layer(i + 1, len(layers))
+    return len(layers)
+
+
+def _walk_in_windows(model_dir: Path, weights: SourceWeights, x: torch.Tensor, device: str, windows: GpuWindows,
+                     n_layers: int, on_layer: Callable[[int, int], None] | None) -> torch.Tensor:
+    """The walk as a series of GPU windows, each resuming from the hidden states the last one saved."""
+    import shutil
+    import tempfile
+
+    windows.workdir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="reference-walk-", dir=windows.workdir))
+    try:
+        torch.save(x, folder / "hidden.pt")
+        del x
+        done = 0
+        while done < n_layers:
+            reached = windows.run(walk_window, model_dir, weights, str(folder), done, device, windows.budget_s)
+            if reached <= done:
+                raise QuantizeError(f"The evaluation made no progress at layer {done}; the GPU window is too short.")
+            done = reached
+            if on_layer is not None:
+                on_layer(done, n_layers)
+        return torch.load(folder / "hidden.pt")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def walk_window(model_dir: Path, weights: SourceWeights, folder: str, first: int, device: str,
+                budget_s: float) -> int:
+    """One GPU window's share of the walk: the saved hidden states through layers from `first` on `device`
+    for about budget_s, saved back; the next layer's index. Top-level with plain arguments, so a ZeroGPU runner
+    can call it in its worker process."""
+    dev = _device(device)
+    path = Path(folder) / "hidden.pt"
+    x = torch.load(path, map_location=dev)
+    with _exact():
+        reached = _walk(model_dir, weights, x, first, dev, budget_s, None)
+    tmp = path.with_suffix(".tmp")
+    torch.save(x.cpu(), tmp)
+    os.replace(tmp, path)
+    return reached
 
 
 @contextmanager

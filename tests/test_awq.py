@@ -129,7 +129,7 @@ def test_pipeline_spans_several_gpu_windows(tiny_bpe, tiny_done, tmp_path, monke
     import pickle
 
     from quantspace import quantize
-    from quantspace.formats import awq as awq_format
+    import quantspace.formats
 
     calls = []
 
@@ -138,7 +138,7 @@ def test_pipeline_spans_several_gpu_windows(tiny_bpe, tiny_done, tmp_path, monke
         calls.append(args[-1])
         return fn(*args)
 
-    monkeypatch.setattr(awq_format, "WINDOW_BUDGET_S", 0.0)
+    monkeypatch.setattr(quantspace.formats, "WINDOW_BUDGET_S", 0.0)
     quantize(str(tiny_bpe), method="awq", out=tmp_path / "o", options=TINY_CALIB, no_eval=True, run_gpu=runner)
     assert calls == [0.0, 0.0]
     one, _ = write_checkpoint(tiny_bpe, tiny_done, tmp_path / "one")

@@ -249,3 +249,51 @@ def test_the_card_says_how_and_where_each_side_was_measured(tmp_path):
     method = report.evaluation.method
     assert "source (transformers fp32, layer by layer, CPU) and GGUF (llama.cpp, CPU)" in method, method
     assert method in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+
+
+def _pickling_runner(calls: list):
+    """A ZeroGPU-like runner: function and arguments pickled as if sent to the window's worker, result back."""
+    import pickle
+
+    def run(fn, *args):
+        fn, args = pickle.loads(pickle.dumps((fn, args)))
+        calls.append(args)
+        return pickle.loads(pickle.dumps(fn(*args)))
+
+    return run
+
+
+@pytest.mark.parametrize("name,kind,arch", [FAMILIES[1], FAMILIES[5]], ids=["gemma3", "qwen3_moe"])
+def test_walk_in_gpu_windows_gives_the_same_reference(name: str, kind: str, arch: str, tmp_path: Path) -> None:
+    """Under ZeroGPU the layers run in GPU windows (here: a pickling runner on the CPU, a budget of one layer per
+    window), the hidden states waiting on disk between windows: the same reference as one uninterrupted walk,
+    progress after each window, and nothing left in the work folder."""
+    model_dir = _tiny(name, kind, arch)
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    chunks = tokenize_for_eval(model_dir, load_eval_text(), SETTINGS)
+    calls: list = []
+    steps: list = []
+    windows = streamed_ref.GpuWindows(_pickling_runner(calls), 0.0, tmp_path / "work")
+    with evaluate_source(model_dir, chunks, SETTINGS, tmp_path, "t", streamed=True) as direct, \
+            evaluate_source(model_dir, chunks, SETTINGS, tmp_path, "t", streamed=True, windows=windows,
+                            progress=lambda *a: steps.append(a)) as windowed:
+        assert windowed.metrics == direct.metrics
+        for chunk in range(len(chunks)):
+            assert np.array_equal(windowed.logprobs(chunk), direct.logprobs(chunk))
+    assert [c[3] for c in calls] == list(range(layers))          # one layer per window, each from where it stopped
+    assert steps[:layers] == [(i + 1, layers + len(chunks)) for i in range(layers)]
+    assert not any((tmp_path / "work").iterdir())
+
+
+def test_zerogpu_jobs_walk_in_windows_and_the_card_says_so() -> None:
+    from quantspace.formats import Context, run_directly
+
+    def runner(fn, *args):
+        return fn(*args)
+
+    stage = lambda name: (lambda done, total: None)   # noqa: E731
+    assert Context(stage, device="cpu").layer_walk() == ("cpu", None, "CPU")
+    assert Context(stage, device="cuda", run_gpu=run_directly).layer_walk() == ("cuda", None, "CUDA")
+    device, windows, where = Context(stage, device="cuda", run_gpu=runner, gpu_window_s=60).layer_walk()
+    assert (device, where) == ("cuda", "CUDA in ZeroGPU windows") and windows.run is runner
+    assert windows.budget_s == pytest.approx(48.0)   # most of the window: the rest is its start and hand-back

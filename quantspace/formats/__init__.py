@@ -6,6 +6,7 @@ import importlib
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, TypeVar
@@ -14,6 +15,7 @@ from ..errors import BadOptionError
 
 if TYPE_CHECKING:
     from ..evaluate import Metrics, Reference
+    from ..reference import GpuWindows
     from ..report import Report
 
 T = TypeVar("T")
@@ -23,6 +25,8 @@ Tick = Callable[[int, int], None]
 StageFn = Callable[[str], Tick]
 # Runs a GPU stage: on a ZeroGPU Space inside a GPU window (function and arguments must pickle), else directly.
 GpuRunner = Callable[..., Any]
+WINDOW_BUDGET_S = 50.0   # work in one ZeroGPU window of unknown length (60 s by default), less start and hand-back
+WINDOW_SHARE = 0.8       # of a known window's length: the rest covers the start and the hand-back
 
 
 def run_directly(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -109,6 +113,22 @@ class Context:
     def local_device(self) -> str:
         """The device this process may use itself: ZeroGPU lends its GPU only inside a window (run_gpu)."""
         return self.device if self.run_gpu is run_directly else "cpu"
+
+    @property
+    def window_budget_s(self) -> float:
+        """Seconds of work to put in one GPU window (ZeroGPU)."""
+        return WINDOW_SHARE * self.gpu_window_s if self.gpu_window_s else WINDOW_BUDGET_S
+
+    def layer_walk(self) -> tuple[str, "GpuWindows | None", str]:
+        """Where a layer-by-layer evaluation (quantspace.reference) runs: (device, GPU windows or None, the
+        place in words for the card). Under ZeroGPU the layers go to the GPU in windows; elsewhere this process's
+        device."""
+        if self.run_gpu is run_directly or self.device != "cuda":
+            return self.local_device, None, "CUDA" if self.local_device == "cuda" else "CPU"
+        from ..reference import GpuWindows
+
+        workdir = self.workdir or Path(tempfile.gettempdir())
+        return "cuda", GpuWindows(self.run_gpu, self.window_budget_s, workdir), "CUDA in ZeroGPU windows"
 
 
 class Format(Protocol):

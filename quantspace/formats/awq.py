@@ -16,8 +16,6 @@ if TYPE_CHECKING:
     from ..report import Report
 
 VARIANTS = {"W4G128": 128, "W4G64": 64, "W4G32": 32}   # 4-bit weights, group size
-WINDOW_BUDGET_S = 50.0   # one ZeroGPU window (60 s by default) minus the start and the hand-back
-WINDOW_SHARE = 0.8       # of a known window length: the rest covers the start and the hand-back
 
 
 class AWQ:
@@ -112,7 +110,7 @@ class AWQ:
         if ctx.run_gpu is run_directly:
             engine.run(model_dir, state, progress=tick)
         else:   # bounded GPU windows: each call does what fits and leaves the rest in the state folder
-            budget = WINDOW_SHARE * ctx.gpu_window_s if ctx.gpu_window_s else WINDOW_BUDGET_S
+            budget = ctx.window_budget_s
             while True:
                 before = engine.next_layer(state)
                 if ctx.run_gpu(engine.run, model_dir, state, budget):
@@ -126,7 +124,7 @@ class AWQ:
         return files
 
     def runtime(self, ctx: Context) -> str:
-        where = "CUDA" if ctx.local_device == "cuda" else "CPU"
+        where = ctx.layer_walk()[2]
         return f"the AWQ checkpoint dequantized, (q − z)·s (transformers fp32, layer by layer, {where})"
 
     def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
@@ -135,11 +133,13 @@ class AWQ:
         from ..awq.checkpoint import CheckpointWeights, RoundedWeights
         from ..evaluate import evaluate_layers
 
-        ckpt, device = output.path.parent, ctx.local_device
-        metrics = evaluate_layers(ckpt, CheckpointWeights(ckpt), ref, progress=tick, device=device)
+        ckpt = output.path.parent
+        device, windows, _ = ctx.layer_walk()
+        metrics = evaluate_layers(ckpt, CheckpointWeights(ckpt), ref, progress=tick, device=device, windows=windows)
         source = self._sources.get(output.variant)
         if ctx.options.get("rtn_baseline", True) and source is not None:
-            rtn = evaluate_layers(source, RoundedWeights(source, VARIANTS[output.variant]), ref, device=device)
+            rounded = RoundedWeights(source, VARIANTS[output.variant])
+            rtn = evaluate_layers(source, rounded, ref, device=device, windows=windows)
             output.details["rtn"] = rtn.to_dict()
         return metrics
 

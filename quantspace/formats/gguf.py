@@ -620,7 +620,6 @@ def compute_imatrix(model_dir: Path, f16: Path, plan: ImatrixPlan, ctx: Context)
 
     from .. import imatrix_compute as ic
     from ..archs import load_config
-    from .awq import WINDOW_BUDGET_S, WINDOW_SHARE
 
     assert plan.chunks is not None
     settings = ic.Settings(ctx=len(plan.chunks[0]), n_chunks=len(plan.chunks), device=ctx.device)
@@ -632,7 +631,7 @@ def compute_imatrix(model_dir: Path, f16: Path, plan: ImatrixPlan, ctx: Context)
         if ctx.run_gpu is run_directly:
             ic.run(model_dir, state, progress=tick)
         else:
-            budget = WINDOW_SHARE * ctx.gpu_window_s if ctx.gpu_window_s else WINDOW_BUDGET_S
+            budget = ctx.window_budget_s
             while True:
                 before = ic.engine.next_layer(state)
                 if ctx.run_gpu(ic.run, model_dir, state, budget):
