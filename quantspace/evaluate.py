@@ -664,6 +664,9 @@ class _LlamaRunner:
                 n_threads=settings.n_threads,
                 n_threads_batch=settings.n_threads,
                 n_gpu_layers=-1 if gpu else 0,
+                # Read, not mapped: the CPU backend repacks most quant types into its own buffer, and a
+                # mapped file would stay resident beside that copy (twice the file in RSS).
+                use_mmap=False,
                 seed=1234,  # nothing is sampled; fixed anyway
                 verbose=False,
             )
