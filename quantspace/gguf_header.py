@@ -22,6 +22,7 @@ _STRING, _ARRAY = 8, 9
 class Header:
     architecture: str                                  # general.architecture ("" when absent)
     tensors: dict[str, tuple[tuple[int, ...], int]]    # name → (shape in ggml order, ggml type id)
+    offsets: dict[str, int]                            # name → where its data starts in the file
 
 
 def read_header(path: Path) -> Header:
@@ -53,21 +54,26 @@ def read_header(path: Path) -> Header:
             else:
                 pos += _SIZES[vtype]
 
-        arch = ""
+        arch, alignment = "", 32
         for _ in range(n_kv):
             key = string()
             (vtype,) = struct.unpack_from("<I", buf, pos)
             pos += 4
             if key == "general.architecture" and vtype == _STRING:
                 arch = string()
+            elif key == "general.alignment" and vtype == 4:   # uint32
+                (alignment,) = struct.unpack_from("<I", buf, pos)
+                pos += 4
             else:
                 skip(vtype)
-        tensors = {}
+        tensors, relative = {}, {}
         for _ in range(n_tensors):
             name = string()
             (n_dims,) = struct.unpack_from("<I", buf, pos)
             dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
             (ggml_type,) = struct.unpack_from("<I", buf, pos + 4 + 8 * n_dims)
+            (relative[name],) = struct.unpack_from("<Q", buf, pos + 4 + 8 * n_dims + 4)
             tensors[name] = (tuple(int(d) for d in dims), int(ggml_type))
             pos += 4 + 8 * n_dims + 4 + 8   # dims, type, offset
-    return Header(arch, tensors)
+    data = -(-pos // alignment) * alignment   # the tensor data starts at the next multiple of the alignment
+    return Header(arch, tensors, {name: data + int(off) for name, off in relative.items()})

@@ -263,6 +263,8 @@ class GGUF:
     ) + TYPE_OPTIONS
     needs_gpu = False
 
+    _walkable: Path | None = None   # the source, when the files can be measured dequantized (_dequantized_walk)
+
     def unavailable(self) -> str | None:
         try:
             import llama_cpp  # noqa: F401
@@ -343,6 +345,9 @@ class GGUF:
         base = out_dir / (f"{name}-F16.gguf" if "F16" in variants else f".{name}-F16.intermediate.gguf")
         config = load_config(model_dir)
         converter = converter_for(config)
+        from ..reference import streamable
+
+        self._walkable = model_dir if converter == OURS and streamable(config) else None
         # a bad file or calibration text fails before any work
         plan = imatrix_plan(model_dir, variants + ([fit_variant] if fit_variant else []), ctx)
         wide = [("F16", base)] if needs_f16 else []
@@ -394,14 +399,33 @@ class GGUF:
         return outputs
 
     def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
-        from ..evaluate import evaluate_gguf
+        """llama.cpp runs the file (on the GPU when its build has CUDA), unless a GPU is there that this
+        llama.cpp cannot use: then the file's weights, dequantized, walk the layers in PyTorch on the GPU."""
+        from ..evaluate import evaluate_gguf, evaluate_layers
+        from ..gguf_weights import GGUFWeights
 
+        if self._dequantized_walk(ctx):
+            assert self._walkable is not None
+            weights = GGUFWeights(output.weights, self._walkable)
+            device, windows, _ = ctx.layer_walk()
+            return evaluate_layers(self._walkable, weights, ref, progress=tick, device=device, windows=windows)
         return evaluate_gguf(output.path, ref, progress=tick, device=ctx.local_device)
 
     def runtime(self, ctx: Context) -> str:
         from ..evaluate import on_gpu
 
+        if self._dequantized_walk(ctx):
+            return (f"GGUF weights dequantized by gguf-py (PyTorch fp32, layer by layer, {ctx.layer_walk()[2]}; "
+                    "llama.cpp here has no CUDA)")
         return f"GGUF (llama.cpp, {'CUDA' if on_gpu(ctx.local_device) else 'CPU'})"
+
+    def _dequantized_walk(self, ctx: Context) -> bool:
+        """Whether the files are measured by the dequantized walk: a GPU this llama.cpp cannot use, and files our
+        converter made from a source the walk can run."""
+        from ..evaluate import on_gpu
+
+        device, _, _ = ctx.layer_walk()
+        return device == "cuda" and not on_gpu(ctx.local_device) and self._walkable is not None
 
     def tags(self, variants: list[str]) -> list[str]:
         return ["gguf", "quantized", "llama.cpp", *[v.lower() for v in variants]]
