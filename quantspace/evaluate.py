@@ -288,7 +288,8 @@ def evaluate_source(
 
     A text-only model of a family with a layer table is evaluated one decoder layer at a time
     (quantspace.reference: memory about one layer in float32 plus the chunks' activations, on ``device``, in
-    GPU ``windows`` under ZeroGPU); any other source is loaded whole, in float32 on the CPU. ``streamed`` forces one path (tests compare them).
+    GPU ``windows`` under ZeroGPU); any other source is loaded whole, in float32 on the CPU. ``streamed`` forces
+    one path (tests compare them).
     Beyond that, peak memory is about one chunk's scored logits (float32, ``ctx/2 x vocab``) plus a bounded
     float64 work block.
     """
@@ -602,8 +603,9 @@ def evaluate_torch_model(model: Any, ref: Reference, progress: Progress | None =
 
 def evaluate_layers(model_dir: Path, weights: SourceWeights, ref: Reference, progress: Progress | None = None,
                     device: str = "cpu", windows: GpuWindows | None = None) -> Metrics:
-    """Evaluate other weights for the source's architecture (an AWQ checkpoint dequantized, a rounded baseline)
-    one decoder layer at a time on `device` (in GPU `windows` under ZeroGPU), as the source reference is, and compare them to the source.
+    """Evaluate other weights for the source's architecture (an AWQ checkpoint or a GGUF dequantized, a rounded
+    baseline) one decoder layer at a time on `device` (in GPU `windows` under ZeroGPU), as the source reference
+    is, and compare them to the source.
     Memory: about one layer in float32 and the chunks' activations (quantspace.reference)."""
     from .archs import load_config
     from .multimodal import text_config

@@ -128,8 +128,8 @@ class AWQ:
         return f"the AWQ checkpoint dequantized, (q − z)·s (transformers fp32, layer by layer, {where})"
 
     def evaluate(self, output: Output, ref: "Reference", ctx: Context, tick: Tick) -> "Metrics":
-        """The checkpoint's exact weights, dequantized one decoder layer at a time (as the source reference is),
-        on the device this process may use; the round-to-nearest baseline likewise from the source."""
+        """The checkpoint's exact weights, dequantized one decoder layer at a time where the source reference
+        walks (Context.layer_walk); the round-to-nearest baseline likewise from the source."""
         from ..awq.checkpoint import CheckpointWeights, RoundedWeights
         from ..evaluate import evaluate_layers
 

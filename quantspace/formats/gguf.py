@@ -334,6 +334,8 @@ class GGUF:
         return f16 + max(0, candidate)
 
     def produce(self, model_dir: Path, out_dir: Path, name: str, variants: list[str], ctx: Context) -> list[Output]:
+        from ..reference import streamable
+
         stage = ctx.stage
         overrides = overrides_of(ctx.options)
         outputs: list[Output] = []
@@ -345,8 +347,6 @@ class GGUF:
         base = out_dir / (f"{name}-F16.gguf" if "F16" in variants else f".{name}-F16.intermediate.gguf")
         config = load_config(model_dir)
         converter = converter_for(config)
-        from ..reference import streamable
-
         self._walkable = model_dir if converter == OURS and streamable(config) else None
         # a bad file or calibration text fails before any work
         plan = imatrix_plan(model_dir, variants + ([fit_variant] if fit_variant else []), ctx)
