@@ -2,7 +2,8 @@
 
 It speaks enough of the protocol for the real `huggingface_hub` client (2.4.0): whoami, create_repo,
 repo info, tree listing, list_models(search=...), downloads (`/resolve`, with HEAD and Range), gated repos
-(`grant`) and the classic upload path (preupload -> LFS batch + PUT -> NDJSON commit).
+(`grant`), the classic upload path (preupload -> LFS batch + PUT -> NDJSON commit) and Jobs, whose commands
+run as local subprocesses (`hub.jobs`, see `tests/hub_jobs.py`).
 
 Xet is NOT implemented: with `hf_xet` installed the client uploads through Xet unless
 `huggingface_hub.constants.HF_HUB_DISABLE_XET` is True (see `tests/hub_fixtures.py`).
@@ -30,6 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.hub_jobs import JobsBackend, JobsError
 
 # Files the Hub stores through LFS: big ones, binary ones, or ones matching its default .gitattributes.
 LFS_THRESHOLD = 10 * 1024 * 1024
@@ -133,6 +136,7 @@ class Repo:
 class User:
     name: str
     orgs: tuple[str, ...]
+    jobs: bool = True  # whether the user's token may start Jobs (job.write)
 
     def can_write(self, namespace: str) -> bool:
         return namespace == self.name or namespace in self.orgs
@@ -158,6 +162,7 @@ class HubServer:
         # (method, path) of every request in arrival order; the path is as sent (URL-quoted), without query.
         self.requests_log: list[tuple[str, str]] = []
         self._faults = FaultPlan()  # fault injection (see the section at the end of this file)
+        self.jobs = JobsBackend(self)  # /api/jobs: Jobs run as local subprocesses
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
@@ -174,6 +179,7 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self.jobs.stop()  # kills the Jobs' processes and ends their log streams
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.close_connections()  # idle keep-alive connections would otherwise linger
@@ -210,9 +216,10 @@ class HubServer:
 
     # -- seeding and assertions (no auth) -------------------------------------------------------------------
 
-    def add_user(self, name: str, token: str, orgs: list[str] | tuple[str, ...] = ()) -> None:
+    def add_user(self, name: str, token: str, orgs: list[str] | tuple[str, ...] = (), jobs: bool = True) -> None:
+        """`jobs=False`: a fine-grained token without the permission to start Jobs."""
         with self._lock:
-            self._users[token] = User(name, tuple(orgs))
+            self._users[token] = User(name, tuple(orgs), jobs)
 
     def create_repo(self, repo_id: str, *, private: bool = False, gated: bool = False,
                     repo_type: str = "model") -> None:
@@ -512,12 +519,22 @@ class _Handler(BaseHTTPRequestHandler):
             if self.user is None:
                 raise HubError(401, "Unauthorized")
             orgs = [{"type": "org", "name": o, "fullname": o, "roleInOrg": "write"} for o in self.user.orgs]
+            token: dict[str, Any] = {"displayName": "tests", "role": "write"}
+            if not self.user.jobs:  # a fine-grained token: repos yes, job.write no
+                token = {"displayName": "tests", "role": "fineGrained", "fineGrained": {
+                    "canReadGatedRepos": True, "global": ["discussion.write", "post.write"],
+                    "scoped": [{"entity": {"type": "user", "name": self.user.name},
+                                "permissions": ["repo.content.read", "repo.write"]}]}}
             return self._json({"type": "user", "id": self.user.name, "name": self.user.name,
                                "fullname": self.user.name, "email": f"{self.user.name}@example.com",
                                "emailVerified": True, "canPay": False, "isPro": False, "orgs": orgs,
                                "avatarUrl": f"/avatars/{self.user.name}.svg",  # read by Gradio's mocked sign-in
-                               "auth": {"type": "access_token",
-                                        "accessToken": {"displayName": "tests", "role": "write"}}})
+                               "auth": {"type": "access_token", "accessToken": token}})
+        elif path.startswith("/api/jobs/"):
+            try:
+                return hub.jobs.handle(self, path)
+            except JobsError as e:
+                raise HubError(e.status, e.message) from e
         elif path == "/api/repos/create" and method == "POST":
             return self._create_repo(self._json_body())
         elif path == "/api/repos/delete" and method == "DELETE":
