@@ -40,6 +40,27 @@ class _Bars:
             self._bar = None
 
 
+class _Lines:
+    """Progress as plain log lines (in a Hugging Face Job, whose log the caller parses): one per stage start and
+    per tenth of it, at most one every two seconds within a stage."""
+
+    def __init__(self) -> None:
+        self._last: tuple[str, int, float] | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        import time
+
+        now, tenth = time.monotonic(), (10 * done) // max(1, total)
+        if self._last and self._last[0] == stage and (self._last[1] == tenth or now - self._last[2] < 2) \
+                and done < total:
+            return
+        self._last = (stage, tenth, now)
+        print(f"[quantspace] stage={stage} done={done} total={total}", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def _table(report) -> str:
     w = max([len("source")] + [len(f.filename) for f in report.files])
     head = f"{'file':<{w}} {'size':>10} {'bpw':>6} {'PPL':>9} {'ΔPPL':>9} {'KLD':>8} {'top-1':>7}"
@@ -76,12 +97,25 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (loaded weights-only)")
     q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where GPU-capable methods compute (default: cuda when present, else cpu)")
+    jobs = q.add_argument_group("Hugging Face Jobs (the same job on a machine billed to your account)")
+    jobs.add_argument("--on-hf-jobs", nargs="?", const="auto", default=None, metavar="FLAVOR",
+                      help="run on Hugging Face Jobs: a flavor (cpu-upgrade, l4x1, a100-large...) or, without one, "
+                      "the cheapest that fits the job")
+    jobs.add_argument("--job-timeout", default=None, metavar="DURATION",
+                      help="stop the Job after this long (90m, 3h; default: three times the estimate, 30m at least)")
+    jobs.add_argument("--namespace", default=None, help="user or organisation the Job runs in and is billed to "
+                      "(default: you)")
+    jobs.add_argument("--job-image", default=None, metavar="IMAGE", help="image with this version of QuantSpace "
+                      "(default: the Space's own on a Space, else $QUANTSPACE_JOB_IMAGE)")
+    jobs.add_argument("--detach", action="store_true", help="print the Job's id and link and return")
+    jobs.add_argument("--yes", action="store_true", help="start without asking (needed when not on a terminal)")
     _format_flags(q)
     e = sub.add_parser("estimate", help="parameter count and output sizes, without downloading weights")
     e.add_argument("source")
     e.add_argument("--method", default="gguf", help=f"output format: {', '.join(REGISTRY)} (default: gguf)")
     e.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("architectures", help="the model architectures each method supports")
+    sub.add_parser("jobs-hardware", help="Hugging Face Jobs flavors and their prices, as the Hub lists them")
     return p
 
 
@@ -117,6 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _estimate(args)
         if args.command == "architectures":
             return _architectures()
+        if args.command == "jobs-hardware":
+            from .hf_jobs import flavors
+            from .hub import resolve_token
+
+            for f in flavors(resolve_token(None) or None):
+                print(f"{f.label}  = ${f.usd_per_minute:.5f}/min")
+            return 0
         return _quantize(args)
     except QuantSpaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -155,9 +196,15 @@ def _architectures() -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    import os
+
     from .pipeline import quantize
 
-    bars = _Bars()
+    if args.on_hf_jobs:
+        from .cli_jobs import run_on_jobs
+
+        return run_on_jobs(args, _chosen_options(args), _table)
+    bars = _Lines() if os.environ.get("QUANTSPACE_PROGRESS") == "lines" else _Bars()
     try:
         report = quantize(args.source, method=args.method, variants=args.variants, out=args.out, push=args.push,
                           private=args.private, eval_text=args.eval_text, no_eval=args.no_eval, ctx=args.ctx,

@@ -112,6 +112,10 @@ def quantize(
     device: str = "auto",
     run_gpu: GpuRunner = run_directly,
     gpu_window_s: float | None = None,
+    on_hf_jobs: str | None = None,
+    job_timeout: str | int | None = None,
+    namespace: str | None = None,
+    job_image: str | None = None,
 ) -> Report:
     """Quantize `source` (Hub repo id[@revision] or local folder) and return the report.
 
@@ -120,8 +124,23 @@ def quantize(
     `options` are the method's own (see `get_format(method).options`); `device` is auto, cpu or cuda;
     `run_gpu` runs the GPU stages (the Space passes a ZeroGPU-decorated runner, and the length of one of its
     windows as `gpu_window_s`, so long stages can split their work).
+
+    `on_hf_jobs` (a flavor, or "auto" for the cheapest that fits) runs the same job on Hugging Face Jobs, billed
+    to `namespace` (default: the token's user), in `job_image` (quantspace.hf_jobs.default_image), stopped after
+    `job_timeout`; it always pushes (to `push`, default NAMESPACE/<model>-<SUFFIX>) and returns the pushed report.
     """
     from .evaluate import EvalSettings, load_eval_text
+
+    if on_hf_jobs:
+        from .hf_jobs import submit
+
+        if out is not None or eval_text is not None:
+            raise BadOptionError("A Job cannot write to this machine's folders or read its files: leave out `out` "
+                                 "and `eval_text` (the result is pushed).")
+        job = submit(source, method, variants, token=resolve_token(token), flavor=on_hf_jobs, push=push,
+                     private=private, no_eval=no_eval, ctx=ctx, max_chunks=max_chunks, allow_pickle=allow_pickle,
+                     options=options, timeout=job_timeout, namespace=namespace, image=job_image)
+        return job.follow(progress)
 
     fmt = get_format(method)
     names = variants.split(",") if isinstance(variants, str) else list(variants or fmt.default_variants)
