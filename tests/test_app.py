@@ -62,6 +62,7 @@ def launch_app_env(tmp: Path, mp: pytest.MonkeyPatch, hub: HubServer, tiny: Path
     mp.setenv("HF_TOKEN", ALICE_TOKEN)        # the machine's login: Gradio's mocked sign-in uses it
     mp.setenv("QUANTSPACE_JOBS_DIR", str(tmp / "jobs"))
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    mp.setenv("QUANTSPACE_JOB_IMAGE", "hf.co/spaces/alice/QuantSpace")   # what Hugging Face Jobs run (not a Space)
     hub.create_repo(TINY)
     hub.upload_folder(TINY, tiny)
     mystery = tmp / "mystery"
@@ -327,3 +328,44 @@ def test_detached_jobs_still_run_one_at_a_time(served):
     assert final["state"] == "finished"
     assert client.predict(first, "", api_name="/job_status")["state"] == "cancelled"
     assert len(set(served.jobs_left()) - set(before)) == 1      # the finished one keeps its files a while
+
+
+def test_a_job_on_hugging_face_jobs_through_the_api(served):
+    """/start_job with hf_jobs: the Job runs on the (local) Hub's Jobs with the caller's token as its secret only;
+    /job_status shows its id, link, flavor and stage progress; the report is the pushed one. /cancel_job on a
+    second one cancels the Hugging Face Job: no repo is left."""
+    client = served.client()
+    target = "alice/tiny-on-jobs-GGUF"
+    started = client.predict(model=TINY, method="gguf", variants=["Q8_0"], options={"imatrix": "off"},
+                             target=target, evaluate=True, hf_token=ALICE_TOKEN, hf_jobs="auto",
+                             api_name="/start_job")
+    seen = poll_status(client, started["job_id"], ALICE_TOKEN, lambda s: s["state"] not in ("queued", "running"))
+    final = seen[-1]
+    assert final["state"] == "finished", final
+    assert final["report"]["repo_id"] == target and final["report"]["files"][0]["metrics"]["kld_mean"] is not None
+    hf_job = final["hf_job"]
+    assert hf_job["flavor"] == "cpu-basic" and hf_job["stage"] == "COMPLETED" and hf_job["url"].endswith(hf_job["id"])
+    assert {s["stage"] for s in seen} >= {"quantize Q8_0"}     # stage progress parsed from the Job's log
+    spec = served.hub.jobs.jobs[hf_job["id"]].spec
+    assert spec["secrets"] == {"HF_TOKEN": ALICE_TOKEN} and ALICE_TOKEN not in json.dumps(spec["command"])
+    assert "quantspace.json" in served.hub.files(target)
+    served.no_token_written()
+
+    second = client.predict(model=TINY, method="gguf", variants=["Q8_0"], options={"imatrix": "off"},
+                            target="alice/tiny-cancelled-GGUF", hf_token=ALICE_TOKEN, hf_jobs="cpu-upgrade",
+                            api_name="/start_job")
+    running = poll_status(client, second["job_id"], ALICE_TOKEN, lambda s: bool(s["hf_job"]))[-1]
+    client.predict(second["job_id"], ALICE_TOKEN, api_name="/cancel_job")
+    final = poll_status(client, second["job_id"], ALICE_TOKEN, lambda s: s["state"] not in ("queued", "running"))[-1]
+    assert final["state"] == "cancelled" and final["hf_job"]["stage"] == "CANCELED", final
+    assert served.hub.jobs.jobs[running["hf_job"]["id"]].stage == "CANCELED"
+    assert not repo_exists(served.hub, "alice/tiny-cancelled-GGUF")
+
+
+def test_signed_out_callers_cannot_start_hugging_face_jobs(served):
+    from gradio_client.exceptions import AppError
+
+    before = len(served.hub.jobs.jobs)
+    with pytest.raises(AppError, match="billed to your account"):
+        served.client().predict(model=TINY, hf_jobs="auto", api_name="/start_job")
+    assert len(served.hub.jobs.jobs) == before

@@ -33,6 +33,7 @@ NEEDED_SCOPES = {
     "gated-repos": "quantize public gated models (Llama, Gemma...) the visitor was granted",
     "write-repos": "push results to the visitor's existing repos",
     "contribute-repos": "create the target repo (write-repos alone cannot create one)",
+    "jobs": "run a job on Hugging Face Jobs, billed to the visitor (or an organisation of theirs)",
 }
 
 

@@ -232,6 +232,43 @@ def start_signed_in_run(browser, url: str, target_repo: str):
     return context, page
 
 
+def test_a_job_on_hugging_face_jobs_from_the_page(app_url, browser):
+    """Signed in, "Run on" Hugging Face Jobs: the preflight shows the machine, its price and the estimate; the
+    run starts a Job (on the local Hub, as a subprocess), the page links it, shows its stages and the pushed
+    result."""
+    from playwright.sync_api import expect
+
+    url, hub, _, _ = app_url
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
+    expect(page.get_by_text("Signed in as alice")).to_be_visible()
+    model = page.locator("#model textarea, #model input").first
+    model.fill(TINY)
+    model.press("Enter")
+    preflight = page.locator("#preflight")
+    expect(preflight).to_contain_text("Ready.", timeout=60_000)   # the first preflight imports the pipeline
+    target = page.locator("#target input, #target textarea").first
+    target.fill("alice/tiny-page-jobs-GGUF")
+    target.blur()
+    expect(preflight).to_contain_text("Ready.")
+    page.locator("#where input").click()
+    page.get_by_role("option", name=re.compile("cheapest machine that fits")).click()
+    expect(preflight).to_contain_text("Hugging Face Jobs: cpu-basic", timeout=30_000)
+    expect(preflight).to_contain_text("billed to alice")
+    expect(page.locator("#run")).to_be_enabled()
+    page.screenshot(path=str(ARTIFACTS / "hf-jobs-preflight.png"), full_page=True)
+    page.locator("#run").click()
+    expect(page.locator("#job-link")).to_contain_text("Hugging Face Job", timeout=120_000)
+    expect(page.locator("#result")).to_contain_text("Pushed to alice/tiny-page-jobs-GGUF", timeout=240_000)
+    expect(page.locator("#log textarea")).to_have_value(re.compile(r"Hugging Face Job .*quantize Q4_K_M", re.S))
+    page.screenshot(path=str(ARTIFACTS / "hf-jobs-result.png"), full_page=True)
+    [job] = [j for j in hub.jobs.jobs.values() if "alice/tiny-page-jobs-GGUF" in j.spec["command"]]
+    assert job.spec["flavor"] == "cpu-basic" and job.stage == "COMPLETED"
+    assert "quantspace.json" in hub.files("alice/tiny-page-jobs-GGUF")
+
+
 def test_a_job_goes_on_after_its_tab_closes(app_url, browser):
     from playwright.sync_api import expect
 

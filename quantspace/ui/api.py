@@ -70,12 +70,42 @@ def preflight_api(model: str, method: str = "gguf", variants: list[str] | None =
                      target=target.strip() or None, options=options).to_dict()
 
 
+def where_choices(token: str | bool | None, listed: bool = True) -> list[tuple[str, str]]:
+    """The page's "Run on" choices: here, Hugging Face Jobs' cheapest fit, and (listed) each flavor with its
+    price, as the Hub lists them."""
+    from .. import hf_jobs
+
+    choices = [("This Space" if on_space() else "This machine", ""),
+               ("Hugging Face Jobs: the cheapest machine that fits", "auto")]
+    if not listed:
+        return choices
+    try:
+        return choices + [(f"Hugging Face Jobs: {f.label}", f.name) for f in hf_jobs.flavors(token or None)]
+    except QuantSpaceError:   # the list is a convenience: "auto" still picks from it when the job starts
+        return choices
+
+
+def jobs_plan_markdown(model: str, method: str, variants: list[str] | None, target: str, evaluate: bool,
+                       options: dict[str, Any], token: str | bool | None, flavor: str) -> tuple[str, bool]:
+    """The preflight of a run on Hugging Face Jobs, for the page: (markdown, whether it can start)."""
+    from .. import hf_jobs
+
+    try:
+        plan = hf_jobs.make_plan(model, method, variants, target or None, no_eval=not evaluate, options=options,
+                                 token=token or None, flavor=flavor)
+    except QuantSpaceError as exc:
+        return f"❌ {exc}", False
+    return (f"✅ {plan.summary()}\n\nResult: **{plan.push}**. The job is checked like a run here (model, "
+            "options, your right to push and to start Jobs); nothing starts until you press Quantize."), True
+
+
 def _spec(model: str, method: str, variants: list[str] | None, options: dict[str, Any] | None, target: str,
-          private: bool, evaluate: bool, calib_file: Any = None) -> JobSpec:
+          private: bool, evaluate: bool, calib_file: Any = None, hf_jobs: str = "") -> JobSpec:
     upload = uploaded(calib_file)
     return JobSpec(model=model, method=method, variants=list(variants or []), options=dict(options or {}),
                    target=(target or "").strip() or None, private=private, evaluate=evaluate,
-                   calib_file=upload[0] if upload else None, calib_name=upload[1] if upload else None)
+                   calib_file=upload[0] if upload else None, calib_name=upload[1] if upload else None,
+                   hf_jobs=(hf_jobs or "").strip() or None)
 
 
 def uploaded(value: Any) -> tuple[str, str] | None:
@@ -101,17 +131,19 @@ def uploaded(value: Any) -> tuple[str, str] | None:
 async def quantize_api(model: str, method: str = "gguf", variants: list[str] | None = None,
                        options: dict[str, Any] | None = None, target: str = "", private: bool = False,
                        evaluate: bool = True, hf_token: str = "", calib_file: FileData | None = None,
-                       oauth_token: gr.OAuthToken | None = None,
+                       hf_jobs: str = "", oauth_token: gr.OAuthToken | None = None,
                        request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
     """Quantize `model` with `method`; push to `target` (owner/name) when given. Returns the report
     (quantspace.json) with `repo_url` when pushed. Progress is reported per stage. The job runs to its end even
     if the connection drops; use /start_job and /job_status to follow it by id instead. `calib_file`: your own
     calibration text (.txt, .jsonl, .json or .parquet; gradio_client: handle_file(PATH)), which replaces
-    options["calib_dataset"]."""
+    options["calib_dataset"]. `hf_jobs`: run it on Hugging Face Jobs instead, billed to you (needs your token
+    with the Jobs permission): a flavor (cpu-upgrade, l4x1, a100-large...) or "auto" for the cheapest that fits;
+    the result is pushed (to `target`, default you/<model>-<SUFFIX>)."""
     progress = gr.Progress()
     token = token_for(hf_token, oauth_token)
     owner = await asyncio.to_thread(caller, hf_token, oauth_token)    # asks the Hub: not on the event loop
-    spec = _spec(model, method, variants, options, target, private, evaluate, calib_file)
+    spec = _spec(model, method, variants, options, target, private, evaluate, calib_file, hf_jobs)
     # Starting copies and reads an uploaded calibration file: not on the event loop either.
     job = await asyncio.to_thread(start_job, spec, token, owner, request)
     # Waiting holds no thread; if the connection drops, Gradio cancels this coroutine and the job goes on.
@@ -135,12 +167,13 @@ def show_progress(progress: gr.Progress, snap: Snapshot) -> None:
 def start_job_api(model: str, method: str = "gguf", variants: list[str] | None = None,
                   options: dict[str, Any] | None = None, target: str = "", private: bool = False,
                   evaluate: bool = True, hf_token: str = "", calib_file: FileData | None = None,
-                  oauth_token: gr.OAuthToken | None = None,
+                  hf_jobs: str = "", oauth_token: gr.OAuthToken | None = None,
                   request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
     """Start the same job as /quantize and return at once with its status (`job_id`, `state`...): follow it
-    with /job_status, stop it with /cancel_job. Started with a token, it is visible to that account only."""
+    with /job_status, stop it with /cancel_job. Started with a token, it is visible to that account only.
+    `hf_jobs` as in /quantize."""
     token = token_for(hf_token, oauth_token)
-    job = start_job(_spec(model, method, variants, options, target, private, evaluate, calib_file), token,
+    job = start_job(_spec(model, method, variants, options, target, private, evaluate, calib_file, hf_jobs), token,
                     caller(hf_token, oauth_token), request)
     return job.status()
 
@@ -148,7 +181,7 @@ def start_job_api(model: str, method: str = "gguf", variants: list[str] | None =
 def job_status_api(job_id: str, hf_token: str = "", oauth_token: gr.OAuthToken | None = None) -> dict[str, Any]:
     """A job's `state` (queued, running, finished, failed, cancelled), `stage`, `done`/`total`, `jobs_ahead`
     while queued, `log` (lines), `report` once finished, `error` (one line) once failed, and `removed_in_s`
-    once ended. Only for the account that started it (same token), or anyone with the id of an anonymous job."""
+    once ended; for a job on Hugging Face Jobs, `hf_job`: its `id`, `url`, `flavor`, `stage` and log `tail`. Only for the account that started it (same token), or anyone with the id of an anonymous job."""
     try:
         return REGISTRY.get(job_id, caller(hf_token, oauth_token)).status()
     except QuantSpaceError as exc:

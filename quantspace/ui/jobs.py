@@ -132,6 +132,8 @@ class JobSpec:
     # upload) and the name the visitor gave it. It replaces options["calib_dataset"] for this job only.
     calib_file: str | None = None
     calib_name: str | None = None
+    # Run on Hugging Face Jobs instead of here: a flavor name, or "auto" for the cheapest that fits.
+    hf_jobs: str | None = None
 
 
 @dataclass
@@ -199,6 +201,12 @@ class Job:
         if spec.target and not token:
             raise AuthError("Sign in with Hugging Face (or pass hf_token) to push; without signing in you can "
                             "still quantize and download the files.")
+        if spec.hf_jobs and not token:
+            raise AuthError("Sign in with Hugging Face (or pass hf_token) to run on Hugging Face Jobs: a Job is "
+                            "billed to your account.")
+        if spec.hf_jobs and spec.calib_file:
+            raise CalibrationError("A Hugging Face Job cannot read an uploaded calibration file; use a Hub "
+                                   "dataset id, or run it here.")
         self.id = secrets.token_urlsafe(24)        # 192 random bits: the job's address, and for anonymous jobs its key
         self.spec, self.owner, self.session = spec, owner, session
         self._token = token                        # in memory only, dropped when the job ends
@@ -213,6 +221,7 @@ class Job:
             raise
         _live_dirs.add(self.dir)
         self.result: JobResult | None = None
+        self.hf_job: dict[str, Any] | None = None   # the Hugging Face Job running it: id, url, flavor, stage
         self.error: BaseException | None = None
         self.ended_at: float | None = None         # time.monotonic() when it ended
         self._state = "queued"
@@ -256,6 +265,12 @@ class Job:
 
     def _run(self) -> None:
         try:
+            if self.spec.hf_jobs:   # the work happens on another machine: no turn to wait for here
+                with self._changed:
+                    self._state = "running"
+                    self._changed_now()
+                self.result = self._work_on_hf_jobs()
+                return
             self._lane.enter(self)
             try:
                 with self._changed:
@@ -294,6 +309,62 @@ class Job:
         if not data.get("repo_url"):   # not pushed: the files themselves are the result
             files += [out / f for entry in data["files"] for f in (entry.get("files") or [entry["filename"]])]
         return JobResult(data, (out / "README.md").read_text(encoding="utf-8"), out, files)
+
+    def _work_on_hf_jobs(self) -> JobResult:
+        """Plan, start and follow the same job on Hugging Face Jobs; Cancel cancels the Job."""
+        from .. import hf_jobs
+
+        spec, token = self.spec, self._token
+        assert isinstance(token, str) and spec.hf_jobs
+        plan = hf_jobs.make_plan(spec.model, spec.method, spec.variants or None, spec.target, spec.private,
+                                 not spec.evaluate, options=spec.options, token=token, flavor=spec.hf_jobs)
+        self._note(plan.summary())
+        if self.cancelled:
+            raise Cancelled("Cancelled before the Job started; nothing was done.")
+        job = hf_jobs.Job(plan, hf_jobs.start(plan, token), token)
+        self.hf_job = {"id": job.id, "url": job.state.url, "flavor": plan.flavor.name, "namespace": plan.namespace,
+                       "stage": job.state.stage, "tail": []}
+        self._note(f"Hugging Face Job {job.id}: {job.state.url}")
+        stop = threading.Thread(target=self._cancel_when_asked, args=(job,), name="quantspace-hf-job-cancel",
+                                daemon=True)
+        stop.start()
+        try:
+            report = job.follow(progress=self._remote_tick, on_line=self._remote_line)
+        except hf_jobs.JobsError:
+            if self.cancelled:
+                raise Cancelled("Cancelled: the Hugging Face Job was stopped and nothing was pushed.") from None
+            raise
+        finally:
+            self.hf_job["stage"] = job.state.stage
+        out = self.dir / "out"
+        out.mkdir()
+        report.save(out)
+        card = hf_jobs.card(plan.push, token)
+        return JobResult(report.to_dict(), card, out, [out / "quantspace.json"])
+
+    def _remote_tick(self, stage: str, done: int, total: int) -> None:
+        with self._changed:
+            self._stage, self._done, self._total = stage, done, total
+            self._log.update(stage, done, total)
+            self._changed_now()
+
+    def _remote_line(self, line: str) -> None:
+        """The Job's other log lines: the last few are kept for /job_status (its `hf_job.tail`)."""
+        assert self.hf_job is not None
+        with self._changed:
+            self.hf_job["stage"] = "RUNNING"
+            self.hf_job["tail"] = [*self.hf_job["tail"], line.rstrip()][-20:]
+
+    def _cancel_when_asked(self, job: Any) -> None:
+        while not self.over:
+            if self._cancel.wait(timeout=1.0):
+                job.cancel()
+                return
+
+    def _note(self, text: str) -> None:
+        with self._changed:
+            self._log.note(text)
+            self._changed_now()
 
     def _parameters(self) -> int:
         """The model's size, for the ZeroGPU window (read from safetensors headers, no download)."""
@@ -362,7 +433,7 @@ class Job:
                 "jobs_ahead": snap.ahead, "log": snap.log.splitlines(), "cancel_requested": self.cancelled,
                 "report": self.result.report if self.result is not None else None,
                 "error": first_line(self.error) if self.error is not None else None,
-                "removed_in_s": left}
+                "removed_in_s": left, "hf_job": self.hf_job}
 
     def wait(self, timeout: float | None = None) -> JobResult:
         """The result once the job has finished, or its error raised here."""

@@ -27,7 +27,7 @@ quantize, **measure** (perplexity, KL divergence, top-1 agreement against the so
 SIGNED_OUT = ("**Not signed in.** Sign in with Hugging Face to quantize your private models and the gated ones "
               "whose licence you accepted, and to push the results to your account or one of your organisations "
               "(the Space asks to read your private repos and the gated repos you were granted, to create repos "
-              "and write to yours, nothing else). "
+              "and write to yours, and to start Hugging Face Jobs you ask for, billed to you; nothing else). "
               "Without signing in you can still quantize public models, measure and download the files.")
 NO_LOCAL_LOGIN = ("**Running locally without a Hub login**, so sign-in is off: run `hf auth login` (or set "
                   "`HF_TOKEN`) and restart to push. You can still quantize local folders or public models.")
@@ -46,6 +46,10 @@ CALIB_FILE_TYPES = (".txt", ".jsonl", ".json", ".parquet")
 CALIB_FILE_INFO = ("<small>Your own calibration text: .txt (paragraphs), or .jsonl / .json / .parquet with a "
                    "'text' column or chat messages. An uploaded file wins over the box above; the card names "
                    "it by its file name.</small>")
+# The preflight's problems that another machine solves (disk, memory, GPU, the ZeroGPU window).
+TOO_BIG = ("Needs about", "Measuring accuracy", "The model needs about", "Each GPU stage")
+JOBS_HINT = ("**Too big for this machine?** Pick *Hugging Face Jobs* under *Run on*: the same job on a machine "
+             "that fits, billed to your account (the price and time are shown before it starts).")
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald",
                        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
@@ -212,6 +216,9 @@ def build_demo() -> gr.Blocks:
                     push = gr.Checkbox(value=False, label="Push to the Hub", interactive=False, elem_id="push")
                     private = gr.Checkbox(value=False, label="Private repo")
                     evaluate = gr.Checkbox(value=True, label="Measure accuracy", elem_id="evaluate")
+                where = gr.Dropdown(api.where_choices(None, listed=False), value="", label="Run on", interactive=False,
+                                    elem_id="where", info="Hugging Face Jobs run the same job on a machine billed to "
+                                    "your account (sign in); the result is pushed.")
                 with gr.Row():
                     run = gr.Button("Quantize", variant="primary", elem_id="run")
                     cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")
@@ -235,18 +242,19 @@ def build_demo() -> gr.Blocks:
 
         variants_of = {t.name: t.variants for t in tabs}
         option_controls = [c for t in tabs for _, c in t.options]
-        pre_inputs = {model, method, target, push, evaluate, *variants_of.values(), *option_controls}
+        pre_inputs = {model, method, target, push, evaluate, where, *variants_of.values(), *option_controls}
 
         # -- sign-in: who is here decides whether pushing is possible, and the default target -------------
-        def on_load(profile: gr.OAuthProfile | None) -> dict:
+        def on_load(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None) -> dict:
             if profile is None:
                 return {account: off_reason or SIGNED_OUT,
-                        push: gr.update(value=False, interactive=False)}
+                        push: gr.update(value=False, interactive=False), where: gr.update(value="", interactive=False)}
             return {account: f"Signed in as **{profile.username}**: results can be pushed to your account "
                              "or your organisations.",
-                    push: gr.update(value=True, interactive=True)}
+                    push: gr.update(value=True, interactive=True),
+                    where: gr.update(choices=api.where_choices(api.token_for("", oauth_token)), interactive=True)}
 
-        demo.load(on_load, None, [account, push], api_visibility="private", queue=False)
+        demo.load(on_load, None, [account, push, where], api_visibility="private")
 
         # -- model search --------------------------------------------------------------------------------
         def on_type(text: str, oauth_token: gr.OAuthToken | None) -> dict:
@@ -266,11 +274,19 @@ def build_demo() -> gr.Blocks:
             name = data[method]
             want_push = data[push] and profile is not None
             tab = next(t for t in tabs if t.name == name)
-            pre = preflight(source, name, data[variants_of[name]] or None,
-                            token=api.token_for("", oauth_token), evaluate=data[evaluate],
-                            target=((data[target] or "").strip() or None) if want_push else None,
-                            options={o.name: data[c] for o, c in tab.options})
-            return {pre_md: preflight_markdown(pre), run: gr.update(interactive=pre.ok)}
+            token = api.token_for("", oauth_token)
+            options = {o.name: data[c] for o, c in tab.options}
+            if data[where]:
+                text, ok = api.jobs_plan_markdown(source, name, data[variants_of[name]] or None,
+                                                  (data[target] or "").strip(), data[evaluate], options, token,
+                                                  data[where])
+                return {pre_md: text, run: gr.update(interactive=ok)}
+            pre = preflight(source, name, data[variants_of[name]] or None, token=token, evaluate=data[evaluate],
+                            target=((data[target] or "").strip() or None) if want_push else None, options=options)
+            text = preflight_markdown(pre)
+            if profile is not None and any(p.startswith(TOO_BIG) or "needs a CUDA GPU" in p for p in pre.problems):
+                text += f"\n\n{JOBS_HINT}"
+            return {pre_md: text, run: gr.update(interactive=pre.ok)}
 
         def suggest_target(data: dict, profile: gr.OAuthProfile | None) -> dict:
             """Fill the target with <user>/<model>-<SUFFIX> unless the user typed their own."""
@@ -308,6 +324,7 @@ def build_demo() -> gr.Blocks:
                 t.tab.select(lambda n=t.name: n, None, method, api_visibility="private",
                              queue=False).then(**naming).then(**checks)
         evaluate.change(**checks)
+        where.change(**checks)
         push.change(**checks)
         target.blur(**checks)
 
@@ -323,10 +340,13 @@ def build_demo() -> gr.Blocks:
             want_push = bool(data[push])
             if want_push and profile is None:
                 raise gr.Error("Sign in with Hugging Face to push; without signing in, untick 'Push to the Hub'.")
+            if data[where] and not want_push:
+                raise gr.Error("A Hugging Face Job pushes its result: tick 'Push to the Hub' (signed in).")
             spec = JobSpec(model=(data[model] or "").strip(), method=name, variants=list(data[tab.variants] or []),
                            options={o.name: data[c] for o, c in tab.options},
                            target=((data[target] or "").strip() or None) if want_push else None,
-                           private=bool(data[private]), evaluate=bool(data[evaluate]))
+                           private=bool(data[private]), evaluate=bool(data[evaluate]),
+                           hf_jobs=data[where] or None)
             upload = api.uploaded(data[tab.calib_file]) if tab.calib_file is not None else None
             if upload is not None:
                 spec.calib_file, spec.calib_name = upload
@@ -345,9 +365,15 @@ def build_demo() -> gr.Blocks:
                    plot: gr.update(visible=False), files: gr.update(visible=False),
                    card_box: gr.update(visible=False), run: gr.update(interactive=False),
                    cancel: gr.update(interactive=not job.over)}
+            shown = None
             async for snap in job.watch():
                 api.show_progress(progress, snap)
-                yield {log: snap.log}
+                update = {log: snap.log}
+                if job.hf_job and shown is None:   # the Hugging Face Job has started: its link too
+                    shown = job.hf_job["id"]
+                    update[link] = (job_link(job.id, job.owner, retention_s()) + " · **Hugging Face Job** "
+                                    f"[`{shown[:8]}…`]({job.hf_job['url']}) on {job.hf_job['flavor']}")
+                yield update
             ended = {log: job.snapshot().log, run: gr.update(interactive=True), cancel: gr.update(interactive=False)}
             res = job.result
             if res is None:
@@ -381,8 +407,8 @@ def build_demo() -> gr.Blocks:
                 pass   # already removed: nothing to stop
 
         uploads = [t.calib_file for t in tabs if t.calib_file is not None]
-        run_inputs = {model, method, target, push, private, evaluate, *variants_of.values(), *option_controls,
-                      *uploads}
+        run_inputs = {model, method, target, push, private, evaluate, where, *variants_of.values(),
+                      *option_controls, *uploads}
         # The job waits for its turn in jobs.LANE (one heavy job at a time, its place shown in the log), so
         # starting and watching it need no Gradio slot: the visitor gets the job's link at once.
         run.click(on_run, run_inputs, outputs, api_visibility="private", concurrency_limit=None,
