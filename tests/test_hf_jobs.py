@@ -71,7 +71,7 @@ def test_detach_prints_the_job_and_returns(jobs_hub, capsys):
 def test_a_job_that_fails_shows_its_last_lines_and_leaves_no_repo(jobs_hub, capsys):
     """A Job stopped by its timeout: exit 1, the Job's stage and last lines, and the target repo it may have
     created is gone."""
-    code = main(["quantize", TINY, *FAST, "--on-hf-jobs", "--yes", "--job-timeout", "2s"])
+    code = main(["quantize", TINY, *FAST, "--on-hf-jobs", "--yes", "--job-timeout", "1s"])
     err = capsys.readouterr().err
     assert code == 1
     assert "ended ERROR" in err and "timed out" in err
