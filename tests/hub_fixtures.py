@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.hubserver import HubServer
+from tests.hubserver import CLIENT_ENV, HubServer
 
 ALICE_TOKEN = "hf_alice_token"
 BOB_TOKEN = "hf_bob_token"
@@ -35,17 +35,7 @@ def point_client_at(url: str, hf_home: Path, monkeypatch: pytest.MonkeyPatch) ->
         "HF_HOME": str(hf_home),
         "HF_HUB_CACHE": str(hf_home / "hub"),
         "HF_XET_CACHE": str(hf_home / "xet"),
-        # hf_xet is installed, so uploads would go through Xet (unknown to the test hub) and upload_folder
-        # would split into several commits; this flag restores the classic LFS path. Downloads only use
-        # Xet when the server sends X-Xet-Hash headers, which the test hub never does.
-        "HF_HUB_DISABLE_XET": "1",
-        # Also stops the client from fetching /api/agent-harnesses to build its User-Agent.
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_ETAG_TIMEOUT": "5",
-        "HF_HUB_DOWNLOAD_TIMEOUT": "10",
-        "HF_HUB_OFFLINE": "0",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
+        **CLIENT_ENV,
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

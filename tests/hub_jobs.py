@@ -83,18 +83,10 @@ def default_hardware() -> list[dict[str, Any]]:
 
 def default_env(hub_url: str) -> dict[str, str]:
     """What every Job's process gets before its own environment and secrets (see `point_client_at`)."""
+    from tests.hubserver import CLIENT_ENV   # not at the top: hubserver imports this module
+
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    env.update({
-        "HF_ENDPOINT": hub_url,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_ETAG_TIMEOUT": "5",
-        "HF_HUB_DOWNLOAD_TIMEOUT": "10",
-        "HF_HUB_OFFLINE": "0",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-    })
+    env.update({"HF_ENDPOINT": hub_url, **CLIENT_ENV, "GRADIO_ANALYTICS_ENABLED": "False"})
     return env
 
 

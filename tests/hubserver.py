@@ -34,6 +34,21 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from tests.hub_jobs import JobsBackend, JobsError
 
+# What a client process needs, besides HF_ENDPOINT and HF_HOME, to talk to this server and nothing else.
+CLIENT_ENV = {
+    # hf_xet is installed, so uploads would go through Xet (unknown to the test hub) and upload_folder
+    # would split into several commits; this flag restores the classic LFS path. Downloads only use
+    # Xet when the server sends X-Xet-Hash headers, which the test hub never does.
+    "HF_HUB_DISABLE_XET": "1",
+    # Also stops the client from fetching /api/agent-harnesses to build its User-Agent.
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_ETAG_TIMEOUT": "5",
+    "HF_HUB_DOWNLOAD_TIMEOUT": "10",
+    "HF_HUB_OFFLINE": "0",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+
 # Files the Hub stores through LFS: big ones, binary ones, or ones matching its default .gitattributes.
 LFS_THRESHOLD = 10 * 1024 * 1024
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack",

@@ -210,11 +210,11 @@ def test_sign_in_preflight_quantize_and_see_the_result(app_url, browser):
     context.close()
 
 
-def start_signed_in_run(browser, url: str, target_repo: str):
-    """A fresh browser context signed in as alice, the tiny model's run to `target_repo` started."""
+def signed_in_page(browser, url: str, target_repo: str):
+    """A fresh browser context signed in as alice, the tiny model and `target_repo` filled in and checked."""
     from playwright.sync_api import expect
 
-    context = browser.new_context()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(60_000)
     page.goto(url)
@@ -223,11 +223,17 @@ def start_signed_in_run(browser, url: str, target_repo: str):
     model = page.locator("#model textarea, #model input").first
     model.fill(TINY)
     model.press("Enter")
-    expect(page.locator("#preflight")).to_contain_text("Ready.")
+    expect(page.locator("#preflight")).to_contain_text("Ready.", timeout=60_000)   # the first imports the pipeline
     target = page.locator("#target input, #target textarea").first
     target.fill(target_repo)
     target.blur()
     expect(page.locator("#preflight")).to_contain_text("Ready.")
+    return context, page
+
+
+def start_signed_in_run(browser, url: str, target_repo: str):
+    """signed_in_page, and the run started."""
+    context, page = signed_in_page(browser, url, target_repo)
     page.locator("#run").click()
     return context, page
 
@@ -239,20 +245,8 @@ def test_a_job_on_hugging_face_jobs_from_the_page(app_url, browser):
     from playwright.sync_api import expect
 
     url, hub, _, _ = app_url
-    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    page.set_default_timeout(60_000)
-    page.goto(url)
-    page.get_by_role("button", name=re.compile("Sign in with Hugging Face")).click()
-    expect(page.get_by_text("Signed in as alice")).to_be_visible()
-    model = page.locator("#model textarea, #model input").first
-    model.fill(TINY)
-    model.press("Enter")
+    context, page = signed_in_page(browser, url, "alice/tiny-page-jobs-GGUF")
     preflight = page.locator("#preflight")
-    expect(preflight).to_contain_text("Ready.", timeout=60_000)   # the first preflight imports the pipeline
-    target = page.locator("#target input, #target textarea").first
-    target.fill("alice/tiny-page-jobs-GGUF")
-    target.blur()
-    expect(preflight).to_contain_text("Ready.")
     page.locator("#where input").click()
     page.get_by_role("option", name=re.compile("cheapest machine that fits")).click()
     expect(preflight).to_contain_text("Hugging Face Jobs: cpu-basic", timeout=30_000)
@@ -267,6 +261,7 @@ def test_a_job_on_hugging_face_jobs_from_the_page(app_url, browser):
     [job] = [j for j in hub.jobs.jobs.values() if "alice/tiny-page-jobs-GGUF" in j.spec["command"]]
     assert job.spec["flavor"] == "cpu-basic" and job.stage == "COMPLETED"
     assert "quantspace.json" in hub.files("alice/tiny-page-jobs-GGUF")
+    context.close()
 
 
 def test_a_job_goes_on_after_its_tab_closes(app_url, browser):
