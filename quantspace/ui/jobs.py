@@ -358,7 +358,10 @@ class Job:
     def _cancel_when_asked(self, job: Any) -> None:
         while not self.over:
             if self._cancel.wait(timeout=1.0):
-                job.cancel()
+                try:
+                    job.cancel()
+                except QuantSpaceError:   # it had just ended: the follower reports how
+                    pass
                 return
 
     def _note(self, text: str) -> None:
