@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -82,8 +83,12 @@ def test_python_api_follows_and_cancels(jobs_hub):
     """quantspace.hf_jobs.submit: the plan says what it costs; cancel stops the Job's process and leaves no repo."""
     job = hf_jobs.submit(TINY, "gguf", "Q8_0", flavor="auto", ctx=64, max_chunks=2, options={"imatrix": "off"})
     assert job.plan.flavor.name == "cpu-basic" and job.plan.cost_usd > 0 and job.plan.timeout_s >= 30 * 60
-    job.cancel()
     hub_job = jobs_hub.jobs.jobs[job.id]
+    deadline = time.monotonic() + 60
+    while hub_job.pid is None:             # its process has started (the pipeline runs in it)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    job.cancel()
     assert job.status().stage == "CANCELED"
     with pytest.raises(ProcessLookupError):
         os.kill(hub_job.pid, 0)
