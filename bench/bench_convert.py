@@ -525,6 +525,15 @@ def print_table(s: Summary, check: dict[str, Any] | None) -> None:
 
 # ---------------------------------------------------------------- main
 
+def output_flags(ap: argparse.ArgumentParser, work_default: str) -> None:
+    """The flags every measuring benchmark shares: how peak RSS is read, where files go, what is kept."""
+    ap.add_argument("--rss-via", choices=("auto", "time", "helper"), default="auto",
+                    help="peak RSS from /usr/bin/time -v or a small Python helper (auto: time if it works)")
+    ap.add_argument("--work-dir", type=Path, help=f"where files and logs go (default {work_default})")
+    ap.add_argument("--keep", action="store_true", help="keep the GGUFs written (deleted by default)")
+    ap.add_argument("--json", type=Path, help="write all results here")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="HF model folder (default: SmolLM2-135M-Instruct via tests/models.py)")
@@ -539,11 +548,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-quantize", action="store_true", help="skip the quantize throughput step")
     ap.add_argument("--no-check", action="store_true", help="skip the GGUF cross-check")
     ap.add_argument("--profile", action="store_true", help="also run our converter once under cProfile")
-    ap.add_argument("--rss-via", choices=("auto", "time", "helper"), default="auto",
-                    help="peak RSS from /usr/bin/time -v or a small Python helper (auto: time if it works)")
-    ap.add_argument("--work-dir", type=Path, help="where the GGUFs and logs go (default bench/.cache/work-MODEL)")
-    ap.add_argument("--keep", action="store_true", help="keep the GGUFs written (deleted by default)")
-    ap.add_argument("--json", type=Path, help="write all results here")
+    output_flags(ap, "bench/.cache/work-MODEL")
     args = ap.parse_args(argv)
     if args.synthetic_llama:
         args.synthetic = f"llama:{args.synthetic_llama}"

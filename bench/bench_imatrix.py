@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH_DIR))
 
 from bench_convert import (  # noqa: E402  (same measuring as the converter benchmark)
-    Run, _machine, child_env, default_model, gnu_time_works, run_measured,
+    Run, _machine, child_env, default_model, gnu_time_works, output_flags, run_measured,
 )
 
 QUANTS = ("IQ4_XS", "Q4_K_M", "IQ2_M")
@@ -360,11 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--noise", type=int, default=0, metavar="N",
                     help="also quantize IQ4_XS and Q4_K_M with N copies of theirs jittered as far as ours differs")
     ap.add_argument("--profile", action="store_true", help="also run ours once under cProfile and print the top")
-    ap.add_argument("--rss-via", choices=("auto", "time", "helper"), default="auto",
-                    help="peak RSS from /usr/bin/time -v or a small Python helper (auto: time if it works)")
-    ap.add_argument("--work-dir", type=Path, help="where files and logs go (default bench/.cache/imatrix-MODEL)")
-    ap.add_argument("--keep", action="store_true", help="keep the GGUFs written (deleted by default)")
-    ap.add_argument("--json", type=Path, help="write all results here")
+    output_flags(ap, "bench/.cache/imatrix-MODEL")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.chunks < 1:
         ap.error("--repeats and --chunks must be at least 1")
