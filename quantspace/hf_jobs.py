@@ -194,7 +194,6 @@ def make_plan(source: str, method: str = "gguf", variants: Sequence[str] | str |
     """Check everything before a Job starts: the token's right to start Jobs in the namespace, the source and
     options (the preflight, sized for the Job's machine rather than this one), the flavor, the image. The push
     target defaults to NAMESPACE/<model>-<SUFFIX>."""
-    from .estimate import estimate
     from .formats import get_format
     from .preflight import Hardware, eval_memory, preflight
     from .source import resolve
@@ -202,23 +201,22 @@ def make_plan(source: str, method: str = "gguf", variants: Sequence[str] | str |
     token = require_token(token)
     namespace = check_jobs_permission(token, namespace)
     fmt = get_format(method)
-    chosen = [v for v in (variants.split(",") if isinstance(variants, str) else variants or []) if v.strip()]
-    anywhere = Hardware("cpu", ram=None, disk_free=None)   # no local limits: the Job's machine is chosen below
-    pre = preflight(source, fmt.name, chosen or None, token=token, evaluate=not no_eval, hardware=anywhere,
-                    options=options, target=push)
-    if pre.problems:
-        raise BadOptionError(pre.problems[0])
     info = resolve(source, token=token)
     if not info.repo_id:
         raise BadOptionError("A Job downloads the model from the Hub; push the local folder to a Hub repo first, "
                              "or run it here.")
+    chosen = [v for v in (variants.split(",") if isinstance(variants, str) else variants or []) if v.strip()]
+    anywhere = Hardware("cpu", ram=None, disk_free=None)   # no local limits: the Job's machine is chosen below
+    pre = preflight(source, fmt.name, chosen or None, token=token, evaluate=not no_eval, hardware=anywhere,
+                    options=options, target=push, info=info)
+    if pre.problems:
+        raise BadOptionError(pre.problems[0])
     push = push or f"{namespace}/{pre.repo_name}"
     args = cli_arguments(info.display, fmt.name, pre.variants, push, private, no_eval, ctx, max_chunks,
                          allow_pickle, options or {})
-    est = estimate(source, fmt.name, pre.variants, token=token, info=info, options=options)
     assert pre.parameters is not None and pre.disk_needed is not None
     ram_needed = 0 if no_eval else eval_memory(info.config, pre.parameters)[0]
-    needs = needs_of(fmt.name, pre.parameters, pre.disk_needed, est.source_bytes, ram_needed,
+    needs = needs_of(fmt.name, pre.parameters, pre.disk_needed, info.weight_bytes, ram_needed,
                      max(pre.sizes.values(), default=0))
     machine = pick(needs, flavors(token), flavor)
     minutes = estimate_minutes(needs, machine, fmt.name, len(pre.variants), not no_eval, ctx * max_chunks)

@@ -16,7 +16,7 @@ from typing import Any
 from .errors import QuantSpaceError
 from .formats import check_options, get_format
 from .report import format_size
-from .source import on_space  # noqa: F401  (the UI asks here)
+from .source import SourceInfo, on_space  # noqa: F401  (the UI asks here for on_space)
 
 # The longest GPU window the Space asks ZeroGPU for in one call. Longer jobs belong on a dedicated GPU.
 ZEROGPU_MAX_SECONDS = 300
@@ -102,8 +102,9 @@ def eval_scratch_bytes(config: dict[str, Any], ctx: int = 512, max_chunks: int =
 
 def preflight(source: str, method: str = "gguf", variants: list[str] | None = None, token: str | None = None,
               evaluate: bool = True, target: str | None = None, hardware: Hardware | None = None,
-              options: dict[str, Any] | None = None) -> PreflightResult:
-    """Check `source` for `method` (and the push `target`, the method's `options`) before any weight download;
+              options: dict[str, Any] | None = None, info: SourceInfo | None = None) -> PreflightResult:
+    """Check `source` for `method` (and the push `target`, the method's `options`) before any weight download
+    (`info`: the source already resolved, so it is not asked of the Hub again);
     never raises for the user's input: every problem is a sentence in `problems`."""
     result = PreflightResult(source=(source or "").strip(), method=method, variants=list(variants or []))
     try:
@@ -139,7 +140,7 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
             result.problems.append(str(exc))
 
     try:
-        info = resolve(result.source, token=token)
+        info = info or resolve(result.source, token=token)
     except QuantSpaceError as exc:
         result.problems.append(str(exc))
         return result
