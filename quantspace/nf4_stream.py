@@ -15,12 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptWeightsError
+from .weights import TORCH_DTYPES
 
 SHARD_BYTES = 2 * 1024**3        # a shard is closed once its data reaches this size
-# safetensors' dtype names; shards put wider elements first so every tensor starts aligned.
-DTYPE_NAMES = {"float32": "F32", "float64": "F64", "bfloat16": "BF16", "float16": "F16", "uint8": "U8",
-               "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64", "bool": "BOOL"}
+# torch dtype name → safetensors' (the reverse of what weights.read_tensor reads)
+DTYPE_NAMES = {torch_name: name for name, torch_name in TORCH_DTYPES.items()}
 
 
 def skeleton(model_dir: str, config: dict[str, Any], dtype: Any) -> Any:
@@ -53,7 +52,7 @@ def stream_quantize(model_dir: str, out: str, config: dict[str, Any], device: st
     from bitsandbytes.functional import quantize_4bit
     from bitsandbytes.nn import Linear4bit
 
-    from .weights import all_entries
+    from .weights import all_entries, read_tensor
 
     dtype = getattr(torch, config["bnb_4bit_compute_dtype"])
     model = skeleton(model_dir, config, dtype)
@@ -102,24 +101,6 @@ def stream_quantize(model_dir: str, out: str, config: dict[str, Any], device: st
     write_config(model, Path(out), dtype)
     return {"memory_footprint_bytes": int(footprint), "quantized_layers": quantized,
             "unquantized_bytes": int(unquantized)}
-
-
-def read_tensor(entry: Any) -> Any:
-    """One tensor read with plain file reads (weights.read_raw: no memory map)."""
-    import torch
-
-    from .weights import read_raw
-
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-    if entry.dtype not in dtypes:
-        raise CorruptWeightsError(f"Tensor {entry.name} has dtype {entry.dtype}, which bitsandbytes' loader does "
-                                  "not read.")
-    data = read_raw(entry)
-    if not data:
-        return torch.empty(entry.shape, dtype=dtypes[entry.dtype])
-    return torch.frombuffer(data, dtype=dtypes[entry.dtype]).reshape(entry.shape)
 
 
 def persistent_buffers(model: Any) -> set[str]:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import BadOptionError, CorruptWeightsError, QuantizeError, TokenizerError, UnsupportedArchitectureError
-from .weights import TensorEntry, all_entries, read_raw
+from .weights import TensorEntry, all_entries, read_raw, read_tensor
 
 FP32 = 4
 # Tokens per forward pass through a layer (whole chunks; at least one): bounds the layer's own activations.
@@ -42,7 +42,6 @@ HEAD_BLOCK_BYTES = 32 * 1024 * 1024
 LOGITS_BYTES = 128 * 1024 * 1024
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_INT_DTYPES = {"I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
 
 
 def streamable(config: dict[str, Any]) -> bool:
@@ -88,13 +87,7 @@ class SourceWeights:
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor as the file stores it (any dtype, integers too), on the CPU."""
-        e = self.entry(name)
-        dtype = _TORCH_DTYPES.get(e.dtype) or _INT_DTYPES.get(e.dtype)
-        if dtype is None:
-            raise CorruptWeightsError(f"Tensor {e.name} has dtype {e.dtype}, which is not a type we read.")
-        if not e.nbytes:
-            return torch.empty(e.shape, dtype=dtype)
-        return torch.frombuffer(read_raw(e), dtype=dtype).view(*e.shape)
+        return read_tensor(self.entry(name))
 
     @staticmethod
     def _read(e: TensorEntry, start: int, nbytes: int) -> torch.Tensor:

@@ -102,6 +102,24 @@ def read_raw(entry: TensorEntry, start: int | None = None, nbytes: int | None = 
     return buf
 
 
+# safetensors dtype → torch dtype name, for read_tensor
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_tensor(entry: TensorEntry) -> Any:
+    """One tensor as the file stores it (a torch tensor of its own dtype, on the CPU), read with read_raw."""
+    import torch
+
+    if entry.dtype not in TORCH_DTYPES:
+        raise CorruptWeightsError(f"Tensor {entry.name} has dtype {entry.dtype}, which is not a type we read.")
+    dtype = getattr(torch, TORCH_DTYPES[entry.dtype])
+    data = read_raw(entry)
+    if not data:
+        return torch.empty(entry.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model folder, in shard order."""
     index = model_dir / "model.safetensors.index.json"
