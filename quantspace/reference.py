@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import BadOptionError, CorruptWeightsError, QuantizeError, TokenizerError, UnsupportedArchitectureError
-from .weights import TensorEntry, all_entries, read_raw, read_tensor
+from .weights import ITEMSIZE, TORCH_DTYPES, TensorEntry, all_entries, read_raw, read_tensor
 
 FP32 = 4
 # Tokens per forward pass through a layer (whole chunks; at least one): bounds the layer's own activations.
@@ -40,8 +40,6 @@ SLICE_TOKENS = 2048
 HEAD_BLOCK_BYTES = 32 * 1024 * 1024
 # float32 bytes of scored logits computed together (at least one chunk's), before they are handed on.
 LOGITS_BYTES = 128 * 1024 * 1024
-
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def streamable(config: dict[str, Any]) -> bool:
@@ -91,10 +89,10 @@ class SourceWeights:
 
     @staticmethod
     def _read(e: TensorEntry, start: int, nbytes: int) -> torch.Tensor:
-        if e.dtype not in _TORCH_DTYPES:
+        if e.dtype not in ITEMSIZE:
             raise CorruptWeightsError(f"Tensor {e.name} has dtype {e.dtype}, which is not a float type we read.")
         buf = read_raw(e, start, nbytes)
-        return torch.frombuffer(buf, dtype=_TORCH_DTYPES[e.dtype]) if nbytes else torch.empty(0)
+        return torch.frombuffer(buf, dtype=getattr(torch, TORCH_DTYPES[e.dtype])) if nbytes else torch.empty(0)
 
 
 def _row_blocks(n_rows: int, row_floats: int) -> Iterator[tuple[int, int]]:
