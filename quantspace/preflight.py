@@ -54,6 +54,7 @@ class PreflightResult:
     repo_name: str | None = None               # default output repo name, e.g. "SmolLM2-135M-Instruct-GGUF"
     checks: list[str] = field(default_factory=list)   # what was checked and passed, one line each
     problems: list[str] = field(default_factory=list)  # what would make the run fail, one sentence each
+    too_big: bool = False                      # some problem is this machine's (disk, memory, GPU): a bigger one helps
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,7 +175,9 @@ def preflight(source: str, method: str = "gguf", variants: list[str] | None = No
     disk = plan(info, result.sizes, est.work_bytes, eval_scratch_bytes(info.config) if evaluate else 0)
     result.download_bytes, result.disk_needed = disk.download, disk.peak
     memory = eval_memory(info.config, est.parameters) if evaluate else None
+    before = len(result.problems)
     _check_hardware(result, fmt.needs_gpu, memory, hardware or detect_hardware())
+    result.too_big = len(result.problems) > before
     result.ok = not result.problems
     return result
 

@@ -237,8 +237,14 @@ def test_preflight_sizes_evaluation_memory_by_the_path_the_source_takes(tmp_path
     need, _ = eval_memory(json.loads((tiny / "config.json").read_text()), 1)
     short = preflight(str(tiny), "gguf", ["Q8_0"], hardware=Hardware("cpu", ram=need - 1, disk_free=2**40))
     assert any("one decoder layer at a time" in p and "turn evaluation off" in p for p in short.problems)
+    assert short.too_big     # the page points to Hugging Face Jobs
     roomy = preflight(str(tiny), "gguf", ["Q8_0"], hardware=Hardware("cpu", ram=need + 1, disk_free=2**40))
     assert roomy.ok and any(c.startswith("Memory: measuring accuracy runs the source") for c in roomy.checks)
+    assert not roomy.too_big
+    bad = preflight(str(tiny), "gguf", ["Q9_9"], hardware=Hardware("cpu", ram=need - 1, disk_free=2**40))
+    assert bad.problems and bad.problems[0].startswith("Unknown") and bad.too_big   # and too big for this RAM
+    assert not preflight(str(tiny), "gguf", ["Q9_9"], hardware=Hardware("cpu", ram=need + 1,
+                                                                         disk_free=2**40)).too_big
 
 
 def test_the_card_says_how_and_where_each_side_was_measured(tmp_path):

@@ -181,7 +181,8 @@ def start_job_api(model: str, method: str = "gguf", variants: list[str] | None =
 def job_status_api(job_id: str, hf_token: str = "", oauth_token: gr.OAuthToken | None = None) -> dict[str, Any]:
     """A job's `state` (queued, running, finished, failed, cancelled), `stage`, `done`/`total`, `jobs_ahead`
     while queued, `log` (lines), `report` once finished, `error` (one line) once failed, and `removed_in_s`
-    once ended; for a job on Hugging Face Jobs, `hf_job`: its `id`, `url`, `flavor`, `stage` and log `tail`. Only for the account that started it (same token), or anyone with the id of an anonymous job."""
+    once ended; for a job on Hugging Face Jobs, `hf_job`: its `id`, `url`, `flavor`, `stage` and log `tail`.
+    Only for the account that started it (same token), or anyone with the id of an anonymous job."""
     try:
         return REGISTRY.get(job_id, caller(hf_token, oauth_token)).status()
     except QuantSpaceError as exc:

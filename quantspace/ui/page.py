@@ -46,8 +46,6 @@ CALIB_FILE_TYPES = (".txt", ".jsonl", ".json", ".parquet")
 CALIB_FILE_INFO = ("<small>Your own calibration text: .txt (paragraphs), or .jsonl / .json / .parquet with a "
                    "'text' column or chat messages. An uploaded file wins over the box above; the card names "
                    "it by its file name.</small>")
-# The preflight's problems that another machine solves (disk, memory, GPU, the ZeroGPU window).
-TOO_BIG = ("Needs about", "Measuring accuracy", "The model needs about", "Each GPU stage")
 JOBS_HINT = ("**Too big for this machine?** Pick *Hugging Face Jobs* under *Run on*: the same job on a machine "
              "that fits, billed to your account (the price and time are shown before it starts).")
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald",
@@ -284,7 +282,7 @@ def build_demo() -> gr.Blocks:
             pre = preflight(source, name, data[variants_of[name]] or None, token=token, evaluate=data[evaluate],
                             target=((data[target] or "").strip() or None) if want_push else None, options=options)
             text = preflight_markdown(pre)
-            if profile is not None and any(p.startswith(TOO_BIG) or "needs a CUDA GPU" in p for p in pre.problems):
+            if profile is not None and pre.too_big:
                 text += f"\n\n{JOBS_HINT}"
             return {pre_md: text, run: gr.update(interactive=pre.ok)}
 
