@@ -14,7 +14,7 @@ import os
 import re
 import shlex
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from .report import Report, format_size
 
 PROGRESS_ENV = "QUANTSPACE_PROGRESS"
 PROGRESS_RE = re.compile(r"^\[quantspace\] stage=(?P<stage>.+?) done=(?P<done>\d+) total=(?P<total>\d+)$")
-TERMINAL = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
 IMAGE_ENV = "QUANTSPACE_JOB_IMAGE"
 # Beyond what the job measures it needs: the image, Python and llama.cpp in memory, the OS on disk.
 BASE_RAM, BASE_DISK = 4 * 10**9, 10 * 10**9
@@ -102,13 +101,6 @@ class JobState:
     progress: dict[str, Any] | None = None    # {"stage": ..., "done": ..., "total": ...}
     tail: list[str] = field(default_factory=list)
     repo_url: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.stage in TERMINAL
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- flavors and the plan
@@ -316,14 +308,14 @@ def check_jobs_permission(token: str, namespace: str | None) -> str:
     return namespace
 
 
-def start(plan: Plan, token: str, labels: dict[str, str] | None = None) -> JobState:
+def start(plan: Plan, token: str) -> JobState:
     """Start the planned Job; the token goes in as its HF_TOKEN secret only."""
     from huggingface_hub import HfApi
 
     job = _call(lambda: HfApi().run_job(
         image=plan.image, command=plan.command, env={PROGRESS_ENV: "lines", "PYTHONUNBUFFERED": "1"},
         secrets={"HF_TOKEN": token}, flavor=plan.flavor.name, timeout=plan.timeout_s, namespace=plan.namespace,
-        labels={"app": "quantspace", **(labels or {})}, token=token), starting=True)
+        labels={"app": "quantspace"}, token=token), starting=True)
     return JobState(job.id, plan.namespace, job.url, str(job.status.stage), job.status.message)
 
 
