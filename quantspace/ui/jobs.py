@@ -258,6 +258,10 @@ class Job:
         # The upload is one commit: once it has started, stopping could not take it back, so it finishes.
         if self._cancel.is_set() and stage != "upload":
             raise Cancelled("Cancelled; nothing was pushed and the job's files were removed.")
+        self._show(stage, done, total)
+
+    def _show(self, stage: str, done: int, total: int) -> None:
+        """A stage's progress in the log (a Hugging Face Job's too: its Cancel goes to the Job, not here)."""
         with self._changed:
             self._stage, self._done, self._total = stage, done, total
             self._log.update(stage, done, total)
@@ -329,7 +333,7 @@ class Job:
                                 daemon=True)
         stop.start()
         try:
-            report = job.follow(progress=self._remote_tick, on_line=self._remote_line)
+            report = job.follow(progress=self._show, on_line=self._remote_line)
         except hf_jobs.JobsError:
             if self.cancelled:
                 raise Cancelled("Cancelled: the Hugging Face Job was stopped and nothing was pushed.") from None
@@ -341,12 +345,6 @@ class Job:
         report.save(out)
         card = hf_jobs.card(plan.push, token)
         return JobResult(report.to_dict(), card, out, [out / "quantspace.json"])
-
-    def _remote_tick(self, stage: str, done: int, total: int) -> None:
-        with self._changed:
-            self._stage, self._done, self._total = stage, done, total
-            self._log.update(stage, done, total)
-            self._changed_now()
 
     def _remote_line(self, line: str) -> None:
         """The Job's other log lines: the last few are kept for /job_status (its `hf_job.tail`)."""
