@@ -124,26 +124,20 @@ def chunk_logits(model_dir: Path, chunks: list[list[int]], ctx: int, first_score
     Every layer runs before the first chunk's logits come; on_layer(done, layers) is called as they finish.
     `weights` (default: model_dir's own) supplies the tensors; the architecture is model_dir's config.json.
     With `windows`, the layers run in GPU windows on `device` and the rest (embeddings, head) here on the CPU."""
-    from .archs import load_config
-    from .awq import engine
-    from .awq.layers import spec_for
-
-    config = load_config(model_dir)
-    spec = spec_for(config)
+    model, spec = _skeleton(model_dir)
     weights = SourceWeights(model_dir) if weights is None else weights
-    n_layers = int(config["num_hidden_layers"])
     tokens = torch.tensor(chunks, dtype=torch.long)
     if tokens.dim() != 2 or tokens.shape[1] != ctx:
         raise ValueError(f"expected chunks of {ctx} tokens")
     dev = torch.device("cpu") if windows else _device(device)
-    model = engine._skeleton(config, spec)
     cfg = model.config
     with _exact():
         x = _embed(weights, spec, cfg, tokens, dev)
     if windows is None:
         with _exact():
-            _walk(model_dir, weights, x, 0, dev, None, on_layer)
+            _walk(model, spec, weights, x, 0, dev, None, on_layer)
     else:
+        n_layers = len(model.get_submodule(spec.layers_path))
         x = _walk_in_windows(model_dir, weights, x, device, windows, n_layers, on_layer)
     base = spec.layers_path.rpartition(".")[0]
     with _exact():
@@ -153,18 +147,24 @@ def chunk_logits(model_dir: Path, chunks: list[list[int]], ctx: int, first_score
     yield from _head(weights, spec, cfg, hidden, dev)
 
 
-def _walk(model_dir: Path, weights: SourceWeights, x: torch.Tensor, first: int, dev: torch.device,
-          budget_s: float | None, on_layer: Callable[[int, int], None] | None) -> int:
-    """Run the decoder layers from `first` over the chunks' hidden states x [chunks, ctx, hidden] in place;
-    the index of the next layer to run (all of them, unless the next would not finish within budget_s)."""
+def _skeleton(model_dir: Path) -> tuple[nn.Module, Any]:
+    """The source's meta-device skeleton (the AWQ engine's) and its layer table."""
     from .archs import load_config
     from .awq import engine
     from .awq.layers import spec_for
 
-    start = time.monotonic()
     config = load_config(model_dir)
     spec = spec_for(config)
-    model = engine._skeleton(config, spec)
+    return engine._skeleton(config, spec), spec
+
+
+def _walk(model: nn.Module, spec: Any, weights: SourceWeights, x: torch.Tensor, first: int, dev: torch.device,
+          budget_s: float | None, on_layer: Callable[[int, int], None] | None) -> int:
+    """Run the skeleton's decoder layers from `first` over the chunks' hidden states x [chunks, ctx, hidden] in
+    place; the index of the next layer to run (all of them, unless the next would not finish within budget_s)."""
+    from .awq import engine
+
+    start = time.monotonic()
     cfg, ctx = model.config, x.shape[1]
     pe_of = engine._position_embeddings(model, spec, x, ctx)
     layers = model.get_submodule(spec.layers_path)
@@ -222,8 +222,9 @@ def walk_window(model_dir: Path, weights: SourceWeights, folder: str, first: int
     dev = _device(device)
     path = Path(folder) / "hidden.pt"
     x = torch.load(path, map_location=dev)
+    model, spec = _skeleton(model_dir)
     with _exact():
-        reached = _walk(model_dir, weights, x, first, dev, budget_s, None)
+        reached = _walk(model, spec, weights, x, first, dev, budget_s, None)
     tmp = path.with_suffix(".tmp")
     torch.save(x.cpu(), tmp)
     os.replace(tmp, path)
