@@ -220,19 +220,19 @@ def make_plan(source: str, method: str = "gguf", variants: Sequence[str] | str |
 def cli_arguments(source: str, method: str, variants: Sequence[str], push: str, private: bool, no_eval: bool,
                   ctx: int, max_chunks: int, allow_pickle: bool, options: dict[str, Any]) -> list[str]:
     """The CLI arguments of the same job, for the Job's machine: nothing that names a file of this one."""
+    from .formats import check_options, get_format
+    from .pipeline import command_args
+
     for key, value in options.items():
         if isinstance(value, str) and (os.sep in value or value.lower().endswith(LOCAL_SUFFIXES)) \
                 and os.path.exists(value):
             raise BadOptionError(f"--{key.replace('_', '-')} names a file of this machine; a Job cannot read it "
                                  "(a Hub dataset id works).")
-    out = [source, "--method", method, "--variants", ",".join(variants), "--push", push, "--ctx", str(ctx),
-           "--chunks", str(max_chunks)]
-    out += ["--private"] if private else []
-    out += ["--no-eval"] if no_eval else []
-    out += ["--allow-pickle"] if allow_pickle else []
-    for key, value in sorted(options.items()):
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
+    fmt = get_format(method)
+    out = command_args(source, fmt, variants, check_options(fmt, options, list(variants)), push, private, None,
+                       no_eval)
+    out += ["--ctx", str(ctx), "--chunks", str(max_chunks)]
+    return out + (["--allow-pickle"] if allow_pickle else [])
 
 
 class Job:

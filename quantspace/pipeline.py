@@ -48,9 +48,11 @@ def parameter_count(model_dir: Path) -> int:
     return sum(e.n_elements for e in all_entries(model_dir))
 
 
-def _command(source: str, fmt: Format, variants: list[str], options: dict[str, Any], push: str | None,
-             private: bool, eval_text: str | None, no_eval: bool) -> str:
-    parts = ["python", "-m", "quantspace", "quantize", source, "--method", fmt.name, "--variants", ",".join(variants)]
+def command_args(source: str, fmt: Format, variants: Sequence[str], options: dict[str, Any], push: str | None,
+                 private: bool, eval_text: str | None, no_eval: bool) -> list[str]:
+    """The arguments of `python -m quantspace quantize` for this job (checked `options`: those not at their
+    default), for the card and for a Hugging Face Job."""
+    parts = [source, "--method", fmt.name, "--variants", ",".join(variants)]
     for opt in fmt.options:
         value = options[opt.name]
         if value != opt.default:
@@ -61,7 +63,13 @@ def _command(source: str, fmt: Format, variants: list[str], options: dict[str, A
         parts.append("--no-eval")
     elif eval_text:
         parts += ["--eval-text", eval_text]
-    return shlex.join(parts)
+    return parts
+
+
+def _command(source: str, fmt: Format, variants: list[str], options: dict[str, Any], push: str | None,
+             private: bool, eval_text: str | None, no_eval: bool) -> str:
+    return shlex.join(["python", "-m", "quantspace", "quantize",
+                       *command_args(source, fmt, variants, options, push, private, eval_text, no_eval)])
 
 
 class _Stages:
